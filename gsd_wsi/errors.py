@@ -1,0 +1,44 @@
+"""The one exception family of gsd-wsi.
+
+Every error a user can cause is a :class:`GsdWsiError`. Each subclass also inherits the
+builtin it refines, so ``except ValueError`` and ``except OSError`` keep working for
+callers that do not know this package. Messages say what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class GsdWsiError(Exception):
+    """Base class of every error raised on purpose by gsd-wsi."""
+
+
+class ConfigError(GsdWsiError, ValueError):
+    """An option value is invalid (the message echoes the value and the valid range)."""
+
+
+class SlideOpenError(GsdWsiError, OSError):
+    """A slide path is missing, unsupported or corrupt."""
+
+
+class MissingResolutionError(GsdWsiError, ValueError):
+    """A slide carries no microns-per-pixel and none was given."""
+
+
+class SlideTooSmallError(GsdWsiError, ValueError):
+    """A slide is smaller than one tile at the requested resolution."""
+
+
+class StainError(GsdWsiError, ValueError):
+    """Stain estimation or normalisation failed (e.g. too few tissue pixels)."""
+
+
+class StoreError(GsdWsiError, OSError):
+    """A patch store is missing, incomplete or not a gsd-wsi store."""
+
+
+class OutputError(GsdWsiError, OSError):
+    """An output location cannot be written, or would lie outside the output folder."""
+
+
+class DuplicateSlideIdError(GsdWsiError, ValueError):
+    """Two inputs resolve to the same slide id."""
