@@ -1,0 +1,3 @@
+from gsd_wsi.cli.main import app
+
+app(prog_name="gsd-wsi")

@@ -1,0 +1,97 @@
+"""The `gsd-wsi` command line: thin wrappers over the stage functions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from gsd_wsi import __version__
+from gsd_wsi.errors import GsdWsiError
+
+app = typer.Typer(
+    name="gsd-wsi",
+    help="Whole-slide images to segmentation masks, with diffusion self-supervised pretraining.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+_STATUS_STYLE = {"ok": "green", "skipped": "cyan", "no_tissue": "yellow", "failed": "bold red"}
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("gsd_wsi").setLevel(level)
+
+
+def _fail(exc: GsdWsiError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    return typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gsd-wsi {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    _setup_logging(verbose, quiet)
+
+
+@app.command()
+def tile(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files, folders of slides, or CSV manifests (column path; optional slide_id, mpp).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: OUT/<slide_id>/patches.zarr and tissue.png.")],
+    mpp: Annotated[float, typer.Option(help="Target resolution of the patches, microns per pixel.")] = 0.5,
+    tile_px: Annotated[int, typer.Option(help="Patch size in pixels.")] = 256,
+    stride_px: Annotated[Optional[int], typer.Option(help="Stride in pixels (default: the patch size).")] = None,
+    min_tissue: Annotated[float, typer.Option(help="Keep patches with at least this tissue fraction.")] = 0.5,
+    stain: Annotated[str, typer.Option(help="Stain normalisation: macenko, reinhard, vahadane or none.")] = "macenko",
+    stain_target: Annotated[Optional[Path], typer.Option(help="Image whose stains are the target (default: built-in reference).")] = None,
+    slide_mpp: Annotated[Optional[float], typer.Option(help="Resolution for slides whose files state none, um/px.")] = None,
+    thumb_mpp: Annotated[float, typer.Option(help="Resolution of the thumbnail for tissue detection, um/px.")] = 8.0,
+    workers: Annotated[int, typer.Option(help="Processes; they share the tiles of each slide.")] = 1,
+    backend: Annotated[str, typer.Option(help="Slide reader: auto, tifffile, openslide, image, tiatoolbox.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Redo slides whose stores exist with the same settings.")] = False,
+) -> None:
+    """Detect tissue, tile at a target resolution, normalise stains, write zarr patch stores."""
+    from gsd_wsi.cli.progress import TileProgressBars
+    from gsd_wsi.stages.tile_batch import SUMMARY_NAME, run_tile
+    from gsd_wsi.stages.tile_config import TileConfig
+    from gsd_wsi.tissue import TissueConfig
+
+    try:
+        config = TileConfig(
+            mpp=mpp, tile_px=tile_px, stride_px=stride_px, min_tissue=min_tissue, stain=stain,  # type: ignore[arg-type]
+            stain_target=stain_target, tissue=TissueConfig(thumb_mpp=thumb_mpp), backend=backend,
+        )
+        results = run_tile(list(slides), out, config, workers=workers, overwrite=overwrite,
+                           slide_mpp=slide_mpp, progress=TileProgressBars(console))
+    except GsdWsiError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"gsd-wsi tile -> {out}", title_justify="left")
+    for column in ("slide", "status", "patches", "seconds", "error"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        style = _STATUS_STYLE.get(r.status, "")
+        table.add_row(r.slide_id, f"[{style}]{r.status}[/]", str(r.n_patches), f"{r.seconds:.1f}", r.error)
+    console.print(table)
+    console.print(f"summary: {out / SUMMARY_NAME}", highlight=False)
+    n_failed = sum(r.status == "failed" for r in results)
+    if n_failed:
+        console.print(f"[bold red]{n_failed} of {len(results)} slide(s) failed[/]")
+        raise typer.Exit(1)

@@ -1,0 +1,54 @@
+"""Rich progress bars for the CLI (the library reports through `gsd_wsi.progress.Progress`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.text import Text
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``812 tiles/s``."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.0f} {self.unit}/s", style="progress.data.speed")
+
+
+class TileProgressBars:
+    """Two bars: slides finished, and tiles written (its total grows as slides are planned)."""
+
+    def __init__(self, console: Console) -> None:
+        self._bars = RichProgress(
+            TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), RateColumn("tiles"),
+            TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console, transient=False,
+        )
+        self._slides = self._bars.add_task("slides", total=0, note="", start=False)
+        self._tiles = self._bars.add_task("tiles", total=0, note="", start=False)
+
+    def start(self, n_slides: int) -> None:
+        self._bars.start()
+        self._bars.update(self._slides, total=n_slides)
+        self._bars.start_task(self._slides)
+        self._bars.start_task(self._tiles)
+
+    def slide_started(self, slide_id: str, n_tiles: int) -> None:
+        total = (self._bars.tasks[self._tiles].total or 0) + n_tiles
+        self._bars.update(self._tiles, total=total, note=slide_id)
+
+    def tiles_done(self, n_tiles: int) -> None:
+        self._bars.advance(self._tiles, n_tiles)
+
+    def slide_done(self, result: Any) -> None:
+        self._bars.advance(self._slides, 1)
+
+    def finish(self) -> None:
+        self._bars.update(self._tiles, note="")
+        self._bars.stop()

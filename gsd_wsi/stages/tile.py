@@ -1,0 +1,235 @@
+"""`gsd-wsi tile`, one slide: tissue -> grid -> stain fit -> patches in a zarr store.
+
+A slide goes through three steps so that its tiles can be read by several processes:
+:func:`plan_slide` (open, detect tissue, lay the grid, fit the stains once for the whole
+slide, create an empty store under a temporary name), :func:`fill_shards` (read, resize,
+normalise and write whole shards; any process may take any shard) and :func:`finish_slide`
+(rename the finished folder into place). Nothing under the final name is ever incomplete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import zarr
+
+from gsd_wsi import __version__
+from gsd_wsi.atomic import replace_dir, temporary_sibling
+from gsd_wsi.grid import TileGrid, make_grid, tissue_fractions
+from gsd_wsi.imageops import resize_rgb
+from gsd_wsi.manifest import SlideInput
+from gsd_wsi.qc import render_tissue_qc, save_png
+from gsd_wsi.slide import Slide, open_slide
+from gsd_wsi.stain import StainNormalizer, make_normalizer
+from gsd_wsi.stages.tile_config import TileConfig, settings_hash
+from gsd_wsi.store import STORE_NAME, create_store, open_images_for_writing, read_store_attrs, shard_ranges
+from gsd_wsi.tissue import detect_tissue
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["ok", "skipped", "no_tissue", "failed"]
+QC_NAME = "tissue.png"
+_QC_LONG_SIDE_PX = 1600
+
+
+@dataclass(frozen=True)
+class SlideResult:
+    slide_id: str
+    path: Path
+    status: Status
+    n_patches: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything a process needs to fill shards of one slide's store (picklable)."""
+
+    slide: SlideInput
+    backend: str
+    tmp_dir: Path
+    final_dir: Path
+    level: int
+    level_downsample: float
+    read_px: int
+    tile_px: int
+    n_patches: int
+    stain_params: dict
+    shard_patches: int
+    started: float
+
+    @property
+    def store_path(self) -> Path:
+        return self.tmp_dir / STORE_NAME
+
+    @property
+    def shards(self) -> list[tuple[int, int]]:
+        return shard_ranges(self.n_patches, self.shard_patches)
+
+
+def read_tiles(slide: Slide, grid_level: int, read_xy: np.ndarray, read_px: int, tile_px: int) -> np.ndarray:
+    """Tiles at ``read_xy`` of ``grid_level``, resized once to ``tile_px``: (N, T, T, 3) uint8."""
+    out = np.empty((len(read_xy), tile_px, tile_px, 3), np.uint8)
+    for i, (x, y) in enumerate(read_xy):
+        region = slide.read_level_region(grid_level, (int(x), int(y)), (read_px, read_px))
+        out[i] = resize_rgb(region, (tile_px, tile_px))
+    return out
+
+
+def plan_slide(item: SlideInput, out_dir: Path, config: TileConfig, target_rgb: np.ndarray | None,
+               overwrite: bool = False) -> SlidePlan | SlideResult:
+    """Steps before reading tiles. Returns a result instead of a plan when nothing is left to do."""
+    started = time.perf_counter()
+    final_dir = out_dir / item.slide_id
+    with open_slide(item.path, mpp=item.mpp, backend=config.backend) as slide:  # type: ignore[arg-type]
+        digest = settings_hash(config, slide.mpp, item.path.stat().st_size)
+        existing = read_store_attrs(final_dir / STORE_NAME)
+        if existing is not None and not overwrite:
+            if existing.get("settings_hash") == digest:
+                return SlideResult(item.slide_id, item.path, "skipped", int(existing.get("n_patches", 0)))
+            logger.info("%s: settings changed since the existing store was made; redoing it", item.slide_id)
+
+        grid = make_grid(slide, config.mpp, config.tile_px, config.stride)
+        thumb, thumb_scale = slide.thumbnail(config.tissue.thumb_mpp)
+        thumb_mpp = slide.mpp * (thumb_scale[0] + thumb_scale[1]) / 2.0
+        tissue = detect_tissue(thumb, thumb_mpp, config.tissue)
+        fractions = tissue_fractions(grid, tissue, thumb_scale)
+        keep = fractions >= config.min_tissue if config.min_tissue > 0 else np.ones(len(fractions), bool)
+        kept, kept_fractions = grid.subset(keep), fractions[keep]
+
+        tmp_dir = temporary_sibling(final_dir)
+        tmp_dir.mkdir(parents=True)
+        try:
+            _write_qc(slide, tissue, kept, tmp_dir / QC_NAME)
+            normalizer = _fit_stains(slide, kept, config, target_rgb)
+            attrs = _store_attrs(item, slide, config, kept, digest, normalizer, thumb_mpp)
+            create_store(tmp_dir / STORE_NAME, kept.l0_xy, kept_fractions, config.tile_px, attrs, config.shard_patches)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        if kept.n_tiles == 0:
+            logger.warning("%s: no tile has %.0f %% tissue; wrote an empty store", item.slide_id, 100 * config.min_tissue)
+        return SlidePlan(
+            item, slide.backend, tmp_dir, final_dir, kept.level, kept.level_downsample, kept.read_px, config.tile_px, kept.n_tiles,
+            normalizer.params, config.shard_patches, started,
+        )
+
+
+def _fit_stains(slide: Slide, grid: TileGrid, config: TileConfig, target_rgb: np.ndarray | None) -> StainNormalizer:
+    """The slide's normaliser, its source stains fitted ONCE from tiles spread across the slide."""
+    normalizer = make_normalizer(config.stain, target_rgb)
+    if config.stain == "none" or grid.n_tiles == 0:
+        return normalizer
+    n_sample = min(config.stain_sample_tiles, grid.n_tiles)
+    picks = np.unique(np.linspace(0, grid.n_tiles - 1, n_sample).round().astype(np.int64))
+    sample = read_tiles(slide, grid.level, grid.read_xy[picks], grid.read_px, grid.tile_px)
+    return normalizer.fit_source(sample)
+
+
+def _write_qc(slide: Slide, tissue: np.ndarray, grid: TileGrid, path: Path) -> None:
+    """The QC picture: a thumbnail about 1600 px long with the tissue outline and kept tiles."""
+    l0_w, l0_h = slide.dimensions
+    qc_mpp = max(slide.mpp, max(l0_w, l0_h) * slide.mpp / _QC_LONG_SIDE_PX)
+    qc_thumb, (sx, sy) = slide.thumbnail(qc_mpp)
+    qc_h, qc_w = qc_thumb.shape[:2]
+    rows = (np.arange(qc_h) * tissue.shape[0] // qc_h)[:, None]
+    cols = (np.arange(qc_w) * tissue.shape[1] // qc_w)[None, :]
+    boxes = np.column_stack([
+        grid.l0_xy[:, 0] / sx, grid.l0_xy[:, 1] / sy,
+        np.full(grid.n_tiles, grid.tile_l0_px / sx), np.full(grid.n_tiles, grid.tile_l0_px / sy),
+    ])
+    save_png(path, render_tissue_qc(qc_thumb, tissue[rows, cols], boxes))
+
+
+def _store_attrs(item: SlideInput, slide: Slide, config: TileConfig, grid: TileGrid, digest: str,
+                 normalizer: StainNormalizer, thumb_mpp: float) -> dict:
+    return {
+        "slide_id": item.slide_id,
+        "slide_path": str(item.path.resolve()),
+        "slide_mpp": slide.mpp,
+        "slide_dimensions": list(slide.dimensions),
+        "reader": slide.backend,
+        "target_mpp": config.mpp,
+        "tile_mpp": grid.tile_mpp,
+        "tile_px": config.tile_px,
+        "stride_px": config.stride,
+        "level": grid.level,
+        "level_downsample": grid.level_downsample,
+        "read_px": grid.read_px,
+        "min_tissue": config.min_tissue,
+        "tissue_thumb_mpp": thumb_mpp,
+        "n_patches": grid.n_tiles,
+        "stain": normalizer.params,
+        "settings": config.to_dict(),
+        "settings_hash": digest,
+        "gsd_wsi_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class _OpenSlideCache:
+    """One open slide and its normaliser per process, reused across that slide's shards."""
+
+    def __init__(self) -> None:
+        self.key: Path | None = None
+        self.slide: Slide | None = None
+        self.normalizer: StainNormalizer | None = None
+
+    def get(self, plan: SlidePlan) -> tuple[Slide, StainNormalizer]:
+        if self.key != plan.tmp_dir or self.slide is None or self.normalizer is None:
+            self.close()
+            self.slide = open_slide(plan.slide.path, mpp=plan.slide.mpp, backend=plan.backend)  # type: ignore[arg-type]
+            self.normalizer = StainNormalizer.from_params(plan.stain_params)
+            self.key = plan.tmp_dir
+        return self.slide, self.normalizer
+
+    def close(self) -> None:
+        if self.slide is not None:
+            self.slide.close()
+        self.key, self.slide, self.normalizer = None, None, None
+
+
+_cache = _OpenSlideCache()
+
+
+def fill_shards(plan: SlidePlan, shard_indices: list[int], read_xy: np.ndarray) -> int:
+    """Read, normalise and write the given shards; ``read_xy`` holds their tiles' positions
+    (in shard order, concatenated). Returns the number of patches written."""
+    slide, normalizer = _cache.get(plan)
+    images = open_images_for_writing(plan.store_path)
+    shards = plan.shards
+    offset = 0
+    for index in shard_indices:
+        start, stop = shards[index]
+        tiles = read_tiles(slide, plan.level, read_xy[offset : offset + stop - start], plan.read_px, plan.tile_px)
+        images[start:stop] = normalizer.transform(tiles)
+        offset += stop - start
+    return offset
+
+
+def finish_slide(plan: SlidePlan) -> SlideResult:
+    """Move the finished folder into place; from here on the slide counts as done."""
+    _cache.close()
+    replace_dir(plan.tmp_dir, plan.final_dir)
+    status: Status = "ok" if plan.n_patches else "no_tissue"
+    return SlideResult(plan.slide.slide_id, plan.slide.path, status, plan.n_patches, time.perf_counter() - plan.started)
+
+
+def abandon_slide(plan: SlidePlan) -> None:
+    _cache.close()
+    shutil.rmtree(plan.tmp_dir, ignore_errors=True)
+
+
+def planned_read_xy(plan: SlidePlan) -> np.ndarray:
+    """Positions (pixels of the level read) of every tile of a planned store, from its coords."""
+    l0_xy = np.asarray(zarr.open_array(plan.store_path / "coords", mode="r")[:])
+    # l0 = rint(read * ds) with ds >= 1, so rint(l0 / ds) recovers read exactly.
+    return np.rint(l0_xy / plan.level_downsample).astype(np.int64).reshape(-1, 2)
