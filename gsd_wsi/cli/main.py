@@ -33,7 +33,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def _fail(exc: GsdWsiError) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
 
 
@@ -95,3 +95,51 @@ def tile(
     if n_failed:
         console.print(f"[bold red]{n_failed} of {len(results)} slide(s) failed[/]")
         raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML (see pipelines/demo.yaml).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
+) -> None:
+    """Run the stages of a pipeline file, in order (`make demo` runs pipelines/demo.yaml)."""
+    from gsd_wsi.cli.progress import TileProgressBars
+    from gsd_wsi.stages.pipeline import run_pipeline
+    from gsd_wsi.stages.tile import QC_NAME
+    from gsd_wsi.store import STORE_NAME
+
+    try:
+        result = run_pipeline(pipeline, out, progress=TileProgressBars(console))
+    except GsdWsiError as exc:
+        raise _fail(exc) from exc
+    for r in result.tile_results:
+        style = _STATUS_STYLE.get(r.status, "")
+        console.print(f"[{style}]{r.status:>9}[/] {r.slide_id}: {r.n_patches} patches {r.error}", highlight=False)
+        if r.status in ("ok", "skipped", "no_tissue"):
+            console.print(f"          patches: {result.tiles_dir / r.slide_id / STORE_NAME}", highlight=False)
+            console.print(f"          QC picture: {result.tiles_dir / r.slide_id / QC_NAME}", highlight=False)
+    if any(r.status == "failed" for r in result.tile_results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def synth(
+    path: Annotated[Path, typer.Argument(help="Slide to write (.svs or .tiff).")],
+    width_px: Annotated[int, typer.Option(help="Level-0 width.")] = 6144,
+    height_px: Annotated[int, typer.Option(help="Level-0 height.")] = 4096,
+    mpp: Annotated[float, typer.Option(help="Microns per pixel at level 0.")] = 0.5,
+    pen_marks: Annotated[bool, typer.Option(help="Draw blue, green and black ink.")] = False,
+    faint_region: Annotated[bool, typer.Option(help="Add a faintly stained piece.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same slide).")] = 0,
+) -> None:
+    """Write a synthetic H&E-like pyramidal slide with known tissue (for trials and tests)."""
+    from gsd_wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    fmt = "tiff" if path.suffix.lower() in (".tif", ".tiff") else "svs"
+    try:
+        spec = SyntheticSlideSpec(width_px=width_px, height_px=height_px, mpp=mpp, fmt=fmt, pen_marks=pen_marks,
+                                  faint_region=faint_region, seed=seed)
+        slide = write_synthetic_slide(path, spec)
+    except GsdWsiError as exc:
+        raise _fail(exc) from exc
+    console.print(f"wrote {slide.path} ({width_px}x{height_px} px, {mpp} um/px, {len(slide.level_downsamples)} levels)")

@@ -124,6 +124,11 @@ class TiffSlide(Slide):
         width, height = size_px
         tile_w, tile_h = page.tilewidth, page.tilelength
         tiles_across = math.ceil(page.imagewidth / tile_w)
+        if (
+            x % tile_w == 0 and y % tile_h == 0 and (width, height) == (tile_w, tile_h)
+            and x + width <= page.imagewidth and y + height <= page.imagelength
+        ):  # exactly one whole file tile: the common case when the grid matches the file's
+            return self._cached_tile(level, (y // tile_h) * tiles_across + x // tile_w).copy()
         out = np.full((height, width, 3), 255, np.uint8)
         # Only tiles inside the image; areas beyond it stay white.
         ty0, ty1 = max(0, y // tile_h), min(math.ceil(page.imagelength / tile_h), -(-(y + height) // tile_h))
