@@ -99,8 +99,8 @@ def area_fractions(mask: np.ndarray, boxes_xy: np.ndarray, box_size: tuple[float
     summed-area table at the box corners gives the exact integral.
     """
     h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.float64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.float64), axis=0), axis=1)
+    sat = np.zeros((h + 1, w + 1), np.int64)  # integer sums: exact, and cheaper than float
+    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
 
     def cumulative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         x = np.clip(x, 0.0, w)

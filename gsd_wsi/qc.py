@@ -122,6 +122,6 @@ def save_png(path: Path, rgb: np.ndarray) -> None:
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         raise ValueError(f"save_png expects HxW or HxWx3/4 uint8, got {arr.dtype} {arr.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(arr).save(buffer, format="PNG")
+    Image.fromarray(arr).save(buffer, format="PNG", compress_level=1)  # fast: a QC picture, not an archive
     atomic_write_bytes(Path(path), buffer.getvalue())
     log.debug("wrote %s (%d bytes)", path, buffer.tell())

@@ -76,7 +76,10 @@ class Slide(ABC):
     # -- pixels ---------------------------------------------------------------------------
     @abstractmethod
     def read_level_region(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
-        """Read ``size_px`` = (width, height) pixels of ``level`` whose top-left is ``level_xy``."""
+        """Read ``size_px`` = (width, height) pixels of ``level`` whose top-left is ``level_xy``.
+
+        The array may be read-only (a backend may hand out a cached tile): copy it to modify it.
+        """
 
     def read_region(self, l0_xy: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         """OpenSlide-style read: top-left in level-0 pixels, size in pixels of ``level``.

@@ -111,6 +111,7 @@ class TiffSlide(Slide):
             self._cache.move_to_end(key)
             return tile
         tile = self.decode_file_tile(level, tile_index)
+        tile.flags.writeable = False  # shared with the cache; callers copy before writing
         self._cache[key] = tile
         self._cached_bytes += tile.nbytes
         while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
@@ -119,6 +120,8 @@ class TiffSlide(Slide):
         return tile
 
     def read_level_region(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
+        """As :meth:`Slide.read_level_region`; a read of exactly one file tile returns the
+        cached decoded tile itself, read-only (``.copy()`` it to modify it)."""
         page = self._pages[level]
         x, y = level_xy
         width, height = size_px
@@ -128,7 +131,7 @@ class TiffSlide(Slide):
             x % tile_w == 0 and y % tile_h == 0 and (width, height) == (tile_w, tile_h)
             and x + width <= page.imagewidth and y + height <= page.imagelength
         ):  # exactly one whole file tile: the common case when the grid matches the file's
-            return self._cached_tile(level, (y // tile_h) * tiles_across + x // tile_w).copy()
+            return self._cached_tile(level, (y // tile_h) * tiles_across + x // tile_w)
         out = np.full((height, width, 3), 255, np.uint8)
         # Only tiles inside the image; areas beyond it stay white.
         ty0, ty1 = max(0, y // tile_h), min(math.ceil(page.imagelength / tile_h), -(-(y + height) // tile_h))

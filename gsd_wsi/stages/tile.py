@@ -13,6 +13,8 @@ import datetime as dt
 import logging
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -108,7 +110,7 @@ def plan_slide(item: SlideInput, out_dir: Path, config: TileConfig, target_rgb: 
         tmp_dir = temporary_sibling(final_dir)
         tmp_dir.mkdir(parents=True)
         try:
-            _write_qc(slide, tissue, kept, tmp_dir / QC_NAME)
+            _write_qc(slide, thumb, tissue, kept, tmp_dir / QC_NAME)
             normalizer = _fit_stains(slide, kept, config, target_rgb)
             attrs = _store_attrs(item, slide, config, kept, digest, normalizer, thumb_mpp)
             create_store(tmp_dir / STORE_NAME, kept.l0_xy, kept_fractions, config.tile_px, attrs, config.shard_patches)
@@ -134,12 +136,20 @@ def _fit_stains(slide: Slide, grid: TileGrid, config: TileConfig, target_rgb: np
     return normalizer.fit_source(sample)
 
 
-def _write_qc(slide: Slide, tissue: np.ndarray, grid: TileGrid, path: Path) -> None:
-    """The QC picture: a thumbnail about 1600 px long with the tissue outline and kept tiles."""
+def _write_qc(slide: Slide, thumb: np.ndarray, tissue: np.ndarray, grid: TileGrid, path: Path) -> None:
+    """The QC picture: a thumbnail about 1600 px long with the tissue outline and kept tiles.
+
+    Made from the detection thumbnail when that is large enough, else read afresh.
+    """
     l0_w, l0_h = slide.dimensions
     qc_mpp = max(slide.mpp, max(l0_w, l0_h) * slide.mpp / _QC_LONG_SIDE_PX)
-    qc_thumb, (sx, sy) = slide.thumbnail(qc_mpp)
-    qc_h, qc_w = qc_thumb.shape[:2]
+    qc_w, qc_h = max(1, round(l0_w * slide.mpp / qc_mpp)), max(1, round(l0_h * slide.mpp / qc_mpp))
+    if thumb.shape[1] >= qc_w:
+        qc_thumb = resize_rgb(thumb, (qc_w, qc_h))
+    else:
+        qc_thumb, _ = slide.thumbnail(qc_mpp)
+        qc_h, qc_w = qc_thumb.shape[:2]
+    sx, sy = l0_w / qc_w, l0_h / qc_h
     rows = (np.arange(qc_h) * tissue.shape[0] // qc_h)[:, None]
     cols = (np.arange(qc_w) * tissue.shape[1] // qc_w)[None, :]
     boxes = np.column_stack([
@@ -200,18 +210,37 @@ class _OpenSlideCache:
 _cache = _OpenSlideCache()
 
 
-def fill_shards(plan: SlidePlan, shard_indices: list[int], read_xy: np.ndarray) -> int:
+def fill_shards(
+    plan: SlidePlan, shard_indices: list[int], read_xy: np.ndarray, on_shard: Callable[[int], None] | None = None,
+) -> int:
     """Read, normalise and write the given shards; ``read_xy`` holds their tiles' positions
-    (in shard order, concatenated). Returns the number of patches written."""
+    (in shard order, concatenated). Returns the number of patches written.
+
+    Two stages overlap: while a writer thread encodes and writes shard k, this thread
+    decodes and normalises shard k+1 (the codecs and file writes release the GIL). At most
+    one shard waits for the writer, so memory stays at about two shards.
+    """
     slide, normalizer = _cache.get(plan)
     images = open_images_for_writing(plan.store_path)
     shards = plan.shards
     offset = 0
-    for index in shard_indices:
-        start, stop = shards[index]
-        tiles = read_tiles(slide, plan.level, read_xy[offset : offset + stop - start], plan.read_px, plan.tile_px)
-        images[start:stop] = normalizer.transform(tiles)
-        offset += stop - start
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsd-wsi-writer") as writer:
+        for index in shard_indices:
+            start, stop = shards[index]
+            tiles = read_tiles(slide, plan.level, read_xy[offset : offset + stop - start], plan.read_px, plan.tile_px)
+            patches = normalizer.transform(tiles)
+            if pending is not None:
+                pending.result()
+                if on_shard is not None:
+                    on_shard(previous_n)
+            pending = writer.submit(images.__setitem__, slice(start, stop), patches)
+            previous_n = stop - start
+            offset += stop - start
+        if pending is not None:
+            pending.result()
+            if on_shard is not None:
+                on_shard(previous_n)
     return offset
 
 
