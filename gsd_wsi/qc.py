@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from scipy import ndimage as ndi
 
 from gsd_wsi.atomic import atomic_write_bytes
@@ -116,12 +116,19 @@ def _legend(picture: np.ndarray, texts: list[str]) -> None:
             return
 
 
-def save_png(path: Path, rgb: np.ndarray) -> None:
-    """Encode ``rgb`` (HxWx3 or HxW uint8) as PNG in memory and write it atomically."""
+def save_png(path: Path, rgb: np.ndarray, text: dict[str, str] | None = None) -> None:
+    """Encode ``rgb`` (HxWx3 or HxW uint8) as PNG in memory and write it atomically.
+
+    ``text`` goes into the PNG's text chunks (e.g. the software version and settings that
+    made the picture), readable with ``PIL.Image.open(path).text``.
+    """
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         raise ValueError(f"save_png expects HxW or HxWx3/4 uint8, got {arr.dtype} {arr.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(arr).save(buffer, format="PNG", compress_level=1)  # fast: a QC picture, not an archive
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    Image.fromarray(arr).save(buffer, format="PNG", compress_level=1, pnginfo=info)  # fast: a QC picture
     atomic_write_bytes(Path(path), buffer.getvalue())
     log.debug("wrote %s (%d bytes)", path, buffer.tell())

@@ -45,7 +45,10 @@ def test_store_contents(tiled, synthetic_svs) -> None:
     assert attrs["slide_mpp"] == 0.25 and attrs["tile_mpp"] == 0.5 and attrs["level"] == 0 and attrs["read_px"] == 256
     assert attrs["stain"]["method"] == "macenko" and "source" in attrs["stain"]
     assert (store.tissue_fraction >= 0.5).all()
-    assert (out / "synth" / "tissue.png").is_file()
+    from PIL import Image
+
+    with Image.open(out / "synth" / "tissue.png") as qc:
+        assert qc.text["settings_hash"] == attrs["settings_hash"] and qc.text["Software"].startswith("gsd-wsi ")
     assert _summary(out)["synth"]["status"] == "ok"
 
 

@@ -10,6 +10,7 @@ normalise and write whole shards; any process may take any shard) and :func:`fin
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import shutil
 import time
@@ -110,7 +111,9 @@ def plan_slide(item: SlideInput, out_dir: Path, config: TileConfig, target_rgb: 
         tmp_dir = temporary_sibling(final_dir)
         tmp_dir.mkdir(parents=True)
         try:
-            _write_qc(slide, thumb, tissue, kept, tmp_dir / QC_NAME)
+            qc_text = {"Software": f"gsd-wsi {__version__}", "slide_id": item.slide_id, "settings_hash": digest,
+                       "settings": json.dumps(config.to_dict())}
+            _write_qc(slide, thumb, tissue, kept, tmp_dir / QC_NAME, qc_text)
             normalizer = _fit_stains(slide, kept, config, target_rgb)
             attrs = _store_attrs(item, slide, config, kept, digest, normalizer, thumb_mpp)
             create_store(tmp_dir / STORE_NAME, kept.l0_xy, kept_fractions, config.tile_px, attrs, config.shard_patches)
@@ -136,7 +139,8 @@ def _fit_stains(slide: Slide, grid: TileGrid, config: TileConfig, target_rgb: np
     return normalizer.fit_source(sample)
 
 
-def _write_qc(slide: Slide, thumb: np.ndarray, tissue: np.ndarray, grid: TileGrid, path: Path) -> None:
+def _write_qc(slide: Slide, thumb: np.ndarray, tissue: np.ndarray, grid: TileGrid, path: Path,
+              text: dict[str, str]) -> None:
     """The QC picture: a thumbnail about 1600 px long with the tissue outline and kept tiles.
 
     Made from the detection thumbnail when that is large enough, else read afresh.
@@ -156,7 +160,7 @@ def _write_qc(slide: Slide, thumb: np.ndarray, tissue: np.ndarray, grid: TileGri
         grid.l0_xy[:, 0] / sx, grid.l0_xy[:, 1] / sy,
         np.full(grid.n_tiles, grid.tile_l0_px / sx), np.full(grid.n_tiles, grid.tile_l0_px / sy),
     ])
-    save_png(path, render_tissue_qc(qc_thumb, tissue[rows, cols], boxes))
+    save_png(path, render_tissue_qc(qc_thumb, tissue[rows, cols], boxes), text)
 
 
 def _store_attrs(item: SlideInput, slide: Slide, config: TileConfig, grid: TileGrid, digest: str,
