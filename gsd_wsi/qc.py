@@ -106,7 +106,7 @@ def _legend(picture: np.ndarray, texts: list[str]) -> None:
         return
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=max(10, picture.shape[1] // 80))  # legible at any picture size
     for text in texts:
         _, _, right, bottom = draw.textbbox((4, 3), text, font=font)
         if right + 4 <= picture.shape[1]:  # else too narrow: try a shorter one, never clip

@@ -60,3 +60,16 @@ def test_run_pipeline_and_synth(tmp_path: Path) -> None:
 def test_installed_entry_point_runs() -> None:
     done = subprocess.run([sys.executable, "-m", "gsd_wsi", "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("gsd-wsi ")
+
+
+def test_cohort_summary_lists_only_slides_needing_a_look(tmp_path: Path, capsys) -> None:
+    from gsd_wsi.cli import main as cli_main
+    from gsd_wsi.stages.tile import SlideResult
+
+    results = [SlideResult(f"s{i:02d}", tmp_path / f"s{i}.svs", "ok", 10, 1.0) for i in range(30)]
+    results[7] = SlideResult("s07", tmp_path / "s07.svs", "failed", error="corrupt")
+    with cli_main.console.capture() as captured:
+        cli_main._print_results(results, tmp_path)
+    text = captured.get()
+    assert "s07" in text and "corrupt" in text and "s08" not in text
+    assert "ok 29" in text and "failed 1" in text

@@ -83,18 +83,30 @@ def tile(
                            slide_mpp=slide_mpp, progress=TileProgressBars(console))
     except GsdWsiError as exc:
         raise _fail(exc) from exc
-    table = Table(title=f"gsd-wsi tile -> {out}", title_justify="left")
-    for column in ("slide", "status", "patches", "seconds", "error"):
-        table.add_column(column, overflow="fold")
-    for r in results:
-        style = _STATUS_STYLE.get(r.status, "")
-        table.add_row(r.slide_id, f"[{style}]{r.status}[/]", str(r.n_patches), f"{r.seconds:.1f}", r.error)
-    console.print(table)
+    _print_results(results, out)
     console.print(f"summary: {out / SUMMARY_NAME}", highlight=False)
     n_failed = sum(r.status == "failed" for r in results)
     if n_failed:
         console.print(f"[bold red]{n_failed} of {len(results)} slide(s) failed[/]")
         raise typer.Exit(1)
+
+
+_TABLE_ALL_ROWS_UP_TO = 20
+
+
+def _print_results(results: list, out: Path) -> None:
+    """Every slide for small runs; for cohorts, the counts and only the slides needing a look."""
+    shown = results if len(results) <= _TABLE_ALL_ROWS_UP_TO else [r for r in results if r.status in ("failed", "no_tissue")]
+    if shown:
+        table = Table(title=f"gsd-wsi tile -> {out}", title_justify="left")
+        for column in ("slide", "status", "patches", "seconds", "error"):
+            table.add_column(column, overflow="fold")
+        for r in shown:
+            style = _STATUS_STYLE.get(r.status, "")
+            table.add_row(r.slide_id, f"[{style}]{r.status}[/]", str(r.n_patches), f"{r.seconds:.1f}", r.error)
+        console.print(table)
+    counts = {status: sum(r.status == status for r in results) for status in _STATUS_STYLE}
+    console.print(", ".join(f"[{_STATUS_STYLE[s]}]{s} {n}[/]" for s, n in counts.items() if n), highlight=False)
 
 
 @app.command()

@@ -18,6 +18,8 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task: Task) -> Text:
+        if task.fields.get("unit") != self.unit:
+            return Text("")
         speed = task.finished_speed or task.speed
         return Text("" if speed is None else f"{speed:,.0f} {self.unit}/s", style="progress.data.speed")
 
@@ -30,8 +32,8 @@ class TileProgressBars:
             TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), RateColumn("tiles"),
             TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console, transient=False,
         )
-        self._slides = self._bars.add_task("slides", total=0, note="", start=False)
-        self._tiles = self._bars.add_task("tiles", total=0, note="", start=False)
+        self._slides = self._bars.add_task("slides", total=0, note="", unit="slides", start=False)
+        self._tiles = self._bars.add_task("tiles", total=0, note="", unit="tiles", start=False)
 
     def start(self, n_slides: int) -> None:
         self._bars.start()

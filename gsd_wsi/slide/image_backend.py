@@ -38,7 +38,7 @@ def read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
     if path.suffix.lower() in (".tif", ".tiff"):
         try:
             with tifffile.TiffFile(path) as tif:
-                return _to_rgb(tif.pages.first.asarray(), path), mpp_from_tiff(tif)
+                return _to_rgb(tif.pages.first.asarray(), path), mpp_from_tiff(tif, path.name)
         except (tifffile.TiffFileError, ValueError, OSError) as exc:
             raise SlideOpenError(f"{path}: unreadable TIFF ({exc})") from exc
     try:
@@ -47,7 +47,7 @@ def read_plain_image(path: Path) -> tuple[np.ndarray, float | None]:
             pixels = np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as exc:
         raise SlideOpenError(f"{path}: unreadable image ({exc})") from exc
-    mpp = plausible_mpp(25400.0 / float(dpi[0]), "image dpi") if dpi and float(dpi[0]) > 0 else None
+    mpp = plausible_mpp(25400.0 / float(dpi[0]), f"{path.name} (image dpi)") if dpi and float(dpi[0]) > 0 else None
     return pixels, mpp
 
 

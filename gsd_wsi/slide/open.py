@@ -78,7 +78,7 @@ def _try_fast_path(path: Path, mpp: float | None) -> TiffSlide | None:
     """
     with openslide.OpenSlide(path) as osr:
         openslide_levels = list(osr.level_dimensions)
-        file_mpp = mpp_from_properties(osr.properties)
+        file_mpp = mpp_from_properties(osr.properties, path.name)
     try:
         tif = tifffile.TiffFile(path)
     except (tifffile.TiffFileError, OSError, ValueError):
@@ -101,7 +101,7 @@ def _open_openslide(path: Path, mpp: float | None) -> OpenSlideSlide:
     except openslide.OpenSlideError as exc:
         raise SlideOpenError(f"{path}: OpenSlide cannot read it ({exc}); the file may be corrupt") from exc
     try:
-        return OpenSlideSlide(path, osr, resolve_mpp(path, mpp_from_properties(osr.properties), mpp))
+        return OpenSlideSlide(path, osr, resolve_mpp(path, mpp_from_properties(osr.properties, path.name), mpp))
     except BaseException:
         osr.close()
         raise
@@ -121,4 +121,4 @@ def _open_tiatoolbox(path: Path, mpp: float | None) -> TiatoolboxSlide:
         reader = open_with_tiatoolbox(path)
     except Exception as exc:  # tiatoolbox raises many types for unreadable files
         raise SlideOpenError(f"{path}: tiatoolbox cannot read it ({exc})") from exc
-    return TiatoolboxSlide(path, reader, resolve_mpp(path, TiatoolboxSlide.mpp_of(reader), mpp))
+    return TiatoolboxSlide(path, reader, resolve_mpp(path, TiatoolboxSlide.mpp_of(reader, path.name), mpp))

@@ -27,32 +27,35 @@ _MICRONS_PER_UNIT = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: 2 inch, 3 c
 
 
 def plausible_mpp(mpp: float | None, source: str) -> float | None:
-    """``mpp`` if it is a believable microscope resolution, else None (with a log line)."""
+    """``mpp`` if it is a believable microscope resolution, else None (with a log line).
+
+    ``source`` names the file and where the value came from, for that line.
+    """
     if mpp is None:
         return None
     if not (0.0 < mpp <= MAX_PLAUSIBLE_MPP):
-        logger.warning("ignoring %s resolution of %.4g um/px (a placeholder, not a scan resolution)", source, mpp)
+        logger.warning("%s: ignoring its resolution of %.4g um/px (a placeholder, not a scan resolution)", source, mpp)
         return None
     return float(mpp)
 
 
-def mpp_from_properties(properties: Mapping[str, str]) -> float | None:
+def mpp_from_properties(properties: Mapping[str, str], name: str) -> float | None:
     """Resolution from OpenSlide properties (``openslide.mpp-x``), if believable."""
     value = properties.get("openslide.mpp-x")
     if value is None:
         return None
     try:
-        return plausible_mpp(float(value), "slide metadata")
+        return plausible_mpp(float(value), f"{name} (slide metadata)")
     except ValueError:
         return None
 
 
-def mpp_from_tiff(tif: tifffile.TiffFile) -> float | None:
+def mpp_from_tiff(tif: tifffile.TiffFile, name: str) -> float | None:
     """Resolution from an Aperio description (``MPP = x``) or the first page's resolution tags."""
     page = tif.pages.first
     match = _APERIO_MPP.search(page.description or "")
     if match:
-        found = plausible_mpp(float(match.group(1)), "Aperio metadata")
+        found = plausible_mpp(float(match.group(1)), f"{name} (Aperio metadata)")
         if found is not None:
             return found
     x_res = page.tags.get("XResolution")
@@ -64,7 +67,7 @@ def mpp_from_tiff(tif: tifffile.TiffFile) -> float | None:
     if unit_code not in _MICRONS_PER_UNIT or numerator == 0 or denominator == 0:
         return None
     pixels_per_unit = numerator / denominator
-    return plausible_mpp(_MICRONS_PER_UNIT[unit_code] / pixels_per_unit, "TIFF resolution tag")
+    return plausible_mpp(_MICRONS_PER_UNIT[unit_code] / pixels_per_unit, f"{name} (TIFF resolution tag)")
 
 
 def resolve_mpp(path: Path, from_file: float | None, user_mpp: float | None) -> float:

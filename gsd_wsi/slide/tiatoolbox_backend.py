@@ -37,9 +37,9 @@ class TiatoolboxSlide(Slide):
         self._reader = reader
 
     @staticmethod
-    def mpp_of(reader: Any) -> float | None:
+    def mpp_of(reader: Any, name: str) -> float | None:
         mpp = reader.info.mpp
-        return None if mpp is None else plausible_mpp(float(np.asarray(mpp).ravel()[0]), "tiatoolbox metadata")
+        return None if mpp is None else plausible_mpp(float(np.asarray(mpp).ravel()[0]), f"{name} (tiatoolbox metadata)")
 
     def read_level_region(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
         ds = self.levels[level].downsample
