@@ -189,3 +189,32 @@ def test_worker_warnings_reach_the_parent_log(slides_dir: Path, synthetic_tiff, 
                        workers=2, slide_mpp=0.5)
     assert {r.slide_id: r.status for r in results}["synth"] == "ok"
     assert any("placeholder" in record.getMessage() for record in caplog.records)
+
+
+def test_stain_target_image_and_its_hash(synthetic_tiff, monuseg_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    target = tmp_path / "target.png"
+    with tifffile.TiffFile(sorted((monuseg_dir / "images").glob("*.tif"))[0]) as tif:
+        Image.fromarray(tif.pages.first.asarray()[:512, :512]).save(target)
+    config = TileConfig(tile_px=128, stain="macenko", stain_target=target)
+    first = run_tile([synthetic_tiff.path], tmp_path / "out", config)
+    stain = PatchStore(tmp_path / "out" / "synth" / STORE_NAME).attrs["stain"]
+    builtin = run_tile([synthetic_tiff.path], tmp_path / "builtin", TileConfig(tile_px=128, stain="macenko"))
+    builtin_stain = PatchStore(tmp_path / "builtin" / "synth" / STORE_NAME).attrs["stain"]
+    assert first[0].status == builtin[0].status == "ok"
+    assert stain["target"] != builtin_stain["target"]  # fitted from the image, not the built-in reference
+    # Another target image with the same name is a settings change: the store is redone.
+    with tifffile.TiffFile(sorted((monuseg_dir / "images").glob("*.tif"))[1]) as tif:
+        Image.fromarray(tif.pages.first.asarray()[:512, :512]).save(target)
+    assert run_tile([synthetic_tiff.path], tmp_path / "out", config)[0].status == "ok"
+    assert run_tile([synthetic_tiff.path], tmp_path / "out", config)[0].status == "skipped"
+
+
+def test_manifest_gives_resolution_to_a_slide_without_one(slides_dir: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"path,slide_id,mpp\n{slides_dir / 'boxes.tiff'},boxes-at-half,0.5\n")
+    results = run_tile([manifest], tmp_path / "out", TileConfig(tile_px=64, stain="none", min_tissue=0.0))
+    assert results[0].slide_id == "boxes-at-half" and results[0].status == "ok"
+    store = PatchStore(tmp_path / "out" / "boxes-at-half" / STORE_NAME)
+    assert store.attrs["slide_mpp"] == 0.5 and len(store) == (300 // 64) * (250 // 64)
