@@ -42,3 +42,11 @@ class OutputError(GsdWsiError, OSError):
 
 class DuplicateSlideIdError(GsdWsiError, ValueError):
     """Two inputs resolve to the same slide id."""
+
+
+class TrainingDivergedError(GsdWsiError, ArithmeticError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunFolderError(GsdWsiError, FileExistsError):
+    """An output folder holds a run that this command must not silently overwrite."""

@@ -161,19 +161,23 @@ class PatchStore:
         self.attrs: dict[str, Any] = attrs
         self._pid: int | None = None
         self._group: zarr.Group | None = None
+        self._images: zarr.Array | None = None
 
     def _arrays(self) -> zarr.Group:
         if self._group is None or self._pid != os.getpid():
             self._group = zarr.open_group(self.path, mode="r")
+            self._images = self._group["images"]  # held: each lookup is a metadata read
             self._pid = os.getpid()
         return self._group
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "attrs": self.attrs, "_pid": None, "_group": None}
+        return {"path": self.path, "attrs": self.attrs, "_pid": None, "_group": None, "_images": None}
 
     @property
     def images(self) -> zarr.Array:
-        return self._arrays()["images"]
+        self._arrays()
+        assert self._images is not None
+        return self._images
 
     @property
     def coords(self) -> np.ndarray:

@@ -25,7 +25,11 @@ console = Console(stderr=True)
 _STATUS_STYLE = {"ok": "green", "skipped": "cyan", "no_tissue": "yellow", "failed": "bold red"}
 
 
+_LOGGING = {"verbose": 0, "quiet": False}
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
+    _LOGGING.update(verbose=verbose, quiet=quiet)
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
@@ -155,3 +159,59 @@ def synth(
     except GsdWsiError as exc:
         raise _fail(exc) from exc
     console.print(f"wrote {slide.path} ({width_px}x{height_px} px, {mpp} um/px, {len(slide.level_downsamples)} levels)")
+
+
+@app.command()
+def pretrain(
+    stores: Annotated[list[Path], typer.Argument(help="patches.zarr stores, or folders containing them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: checkpoints, metrics, pictures, final model.")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with settings; flags override it.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="U-Net size: tiny, small or base (the reference, 31 M).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Training patch size in pixels [256].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process [8].")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs [100].")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Train this many steps instead of epochs.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate [1e-4].")] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="Noise schedule: quadratic, linear or cosine [quadratic].")] = None,
+    timesteps: Annotated[Optional[int], typer.Option(help="Diffusion steps T [1000].")] = None,
+    p2_gamma: Annotated[Optional[float], typer.Option(help="P2 weighting gamma [1].")] = None,
+    p2_k: Annotated[Optional[float], typer.Option(help="P2 weighting k [1].")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear learning-rate warm-up steps [0].")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this [off].")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay of the weights [0.999].")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of slides held out for validation [0.1].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed [0].")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per process [2].")] = None,
+    sample_every: Annotated[Optional[int], typer.Option(help="Steps between sample pictures [500].")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints [500].")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda [auto].")] = None,
+    nproc: Annotated[int, typer.Option(help="Processes to start here (one per GPU); not with torchrun.")] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in OUT.")] = False,
+) -> None:
+    """Self-supervised pretraining of the U-Net as a denoising diffusion model (GenSelfDiff-HIS)."""
+    import functools
+
+    from gsd_wsi.cli.progress import TrainProgressBars
+    from gsd_wsi.stages.pretrain import run_pretrain
+    from gsd_wsi.stages.pretrain_config import PretrainConfig, load_yaml_settings
+
+    flags = {
+        "model": model, "image_size": image_size, "batch_size": batch_size, "epochs": epochs, "steps": steps,
+        "lr": lr, "schedule": schedule, "timesteps": timesteps, "p2_gamma": p2_gamma, "p2_k": p2_k,
+        "warmup_steps": warmup_steps, "grad_clip": grad_clip, "ema_decay": ema_decay, "val_fraction": val_fraction,
+        "seed": seed, "num_workers": num_workers, "sample_every": sample_every, "checkpoint_every": checkpoint_every,
+        "compile": compile, "device": device,
+    }
+    try:
+        settings = load_yaml_settings(config) if config is not None else {}
+        settings.update({k: v for k, v in flags.items() if v is not None})
+        pretrain_config = PretrainConfig.from_dict(settings, where=str(config or "options"))
+        paths = run_pretrain(stores, out, pretrain_config, nproc=nproc, resume=resume, overwrite=overwrite,
+                             progress_factory=TrainProgressBars,
+                             log_setup=functools.partial(_setup_logging, _LOGGING["verbose"], _LOGGING["quiet"]))
+    except GsdWsiError as exc:
+        raise _fail(exc) from exc
+    console.print(f"pretrained model: {paths.model}", highlight=False)
+    console.print(f"loss curve: {paths.root / 'loss.png'}   samples: {paths.samples}", highlight=False)

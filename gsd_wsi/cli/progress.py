@@ -54,3 +54,28 @@ class TileProgressBars:
     def finish(self) -> None:
         self._bars.update(self._tiles, note="")
         self._bars.stop()
+
+
+class TrainProgressBars:
+    """One bar for training steps, with the latest loss and images per second.
+
+    A plain class (no arguments) so that spawned training processes can build it.
+    """
+
+    def __init__(self) -> None:
+        self._bars = RichProgress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=Console(stderr=True),
+        )
+        self._task = self._bars.add_task("steps", total=0, loss="-", rate="", start=False)
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        self._bars.start()
+        self._bars.update(self._task, total=total_steps, completed=first_step)
+        self._bars.start_task(self._task)
+
+    def update(self, step: int, loss: float, img_per_s: float) -> None:
+        self._bars.update(self._task, completed=step, loss=f"{loss:.4f}", rate=f"{img_per_s:.1f} img/s")
+
+    def finish(self) -> None:
+        self._bars.stop()

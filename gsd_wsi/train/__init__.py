@@ -1,0 +1,1 @@
+"""Training machinery: patch data, distributed processes, checkpoints."""
