@@ -94,6 +94,16 @@ def test_resume_is_exact(stores: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     steps = [m["step"] for m in _metrics(resumed.root) if "loss" in m]
     assert steps == [2, 4, 6, 8]  # no duplicated lines after the resume
+    # A resume in the middle of a logging window still logs the mean of the steps it ran.
+    run_pretrain([stores], tmp_path / "c", PretrainConfig(**FAST | {"steps": 3, "log_every": 4, "checkpoint_every": 3}))
+    run_pretrain([stores], tmp_path / "c", PretrainConfig(**FAST | {"steps": 8, "log_every": 4, "checkpoint_every": 3}),
+                 resume=True)
+    every = run_pretrain([stores], tmp_path / "d", PretrainConfig(**FAST | {"steps": 8, "log_every": 1,
+                                                                            "checkpoint_every": 8}))
+    per_step = {m["step"]: m["loss"] for m in _metrics(every.root) if "loss" in m}
+    mid = {m["step"]: m["loss"] for m in _metrics(tmp_path / "c") if "loss" in m}
+    assert mid[4] == pytest.approx(per_step[4], rel=1e-4)  # the window after the resume held step 4 alone
+    assert mid[8] == pytest.approx(np.mean([per_step[s] for s in (5, 6, 7, 8)]), rel=1e-4)
 
 
 def test_two_process_ddp_identical_weights_rank0_writes(stores: Path, tmp_path: Path) -> None:

@@ -184,6 +184,11 @@ def pretrain(
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per process [2].")] = None,
     sample_every: Annotated[Optional[int], typer.Option(help="Steps between sample pictures [500].")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints [500].")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Weight init: reference (faithful) or pytorch (the fix).")] = None,
+    use_top_skip: Annotated[Optional[bool], typer.Option("--use-top-skip/--no-top-skip", help="Use the first level's skip (the fix) [no].")] = None,
+    loss_reduction: Annotated[Optional[str], typer.Option(help="Loss over the batch: mean (the fix) or sum (the reference).")] = None,
+    val_every: Annotated[Optional[int], typer.Option(help="Steps between validation losses [200].")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU), fp32 or bf16 [auto].")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the network.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda [auto].")] = None,
     nproc: Annotated[int, typer.Option(help="Processes to start here (one per GPU); not with torchrun.")] = 1,
@@ -202,7 +207,8 @@ def pretrain(
         "lr": lr, "schedule": schedule, "timesteps": timesteps, "p2_gamma": p2_gamma, "p2_k": p2_k,
         "warmup_steps": warmup_steps, "grad_clip": grad_clip, "ema_decay": ema_decay, "val_fraction": val_fraction,
         "seed": seed, "num_workers": num_workers, "sample_every": sample_every, "checkpoint_every": checkpoint_every,
-        "compile": compile, "device": device,
+        "compile": compile, "device": device, "init": init, "use_top_skip": use_top_skip,
+        "loss_reduction": loss_reduction, "val_every": val_every, "precision": precision,
     }
     try:
         settings = load_yaml_settings(config) if config is not None else {}

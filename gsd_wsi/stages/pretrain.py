@@ -15,8 +15,10 @@ learning settings) or replaced with ``--overwrite``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from gsd_wsi.nn.unet import UNet, unet_config
 from gsd_wsi.stages.pretrain_config import PretrainConfig
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.data import PatchIndex, find_stores, index_patches
-from gsd_wsi.train.ddp import check_nproc, init_distributed, launch, resolve_device, teardown
+from gsd_wsi.train.ddp import broadcast_object, check_nproc, init_distributed, launch, resolve_device, teardown
 from gsd_wsi.train.pretrain_loop import PretrainLoop, RunPaths, TrainProgress
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class PretrainJob:
     resume_from: Path | None
     progress_factory: Callable[[], TrainProgress] | None = None
     log_setup: Callable[[], None] | None = None
+    prepare: tuple[bool, bool] | None = None  # (resume, overwrite): rank 0 prepares the folder itself
 
 
 def model_json(config: PretrainConfig) -> dict[str, Any]:
@@ -98,22 +101,35 @@ def run_pretrain(stores: Sequence[str | Path], run_dir: str | Path, config: Pret
                  resume: bool = False, overwrite: bool = False,
                  progress_factory: Callable[[], TrainProgress] | None = None,
                  log_setup: Callable[[], None] | None = None) -> RunPaths:
-    """Pretrain on ``stores`` (patches.zarr paths or folders of them) into ``run_dir``."""
+    """Pretrain on ``stores`` (patches.zarr paths or folders of them) into ``run_dir``.
+
+    Started by torchrun (WORLD_SIZE in the environment), this process is one rank of the
+    group and rank 0 prepares the run folder once the group has formed; otherwise the
+    folder is prepared here and ``nproc`` processes are started.
+    """
     run_dir = Path(run_dir)
-    check_nproc(nproc, resolve_device(config.device))
     index = index_patches(find_stores(stores), config.val_fraction, config.seed)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        train_process(PretrainJob(config, run_dir, index, None, progress_factory, log_setup, (resume, overwrite)))
+        return RunPaths(run_dir)
+    check_nproc(nproc, resolve_device(config.device))
+    resume_from = prepare_run_folder(run_dir, config, index, resume, overwrite)
+    launch(nproc, train_process, PretrainJob(config, run_dir, index, resume_from, progress_factory, log_setup))
+    return RunPaths(run_dir)
+
+
+def prepare_run_folder(run_dir: Path, config: PretrainConfig, index: PatchIndex, resume: bool,
+                       overwrite: bool) -> Path | None:
+    """Check the folder, write config.json; returns the checkpoint to resume from, if any."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = _check_run_folder(run_dir, config, resume, overwrite)
     if resume_from is not None:
         ckpt.load_model_json(resume_from)  # fail here, once, on a corrupt checkpoint
         ckpt.load_train_state(resume_from)
-    (run_dir / CONFIG_NAME).write_text(json.dumps(
-        model_json(config) | {"stores": [str(p) for p in index.stores], "val_slides": list(index.val_slides),
-                              "n_train_patches": len(index.train), "n_val_patches": len(index.val),
-                              "gsd_wsi_version": __version__}, indent=2))
-    job = PretrainJob(config, run_dir, index, resume_from, progress_factory, log_setup)
-    launch(nproc, train_process, job)
-    return RunPaths(run_dir)
+    ckpt.write_json(run_dir / CONFIG_NAME, model_json(config) | {
+        "stores": [str(p) for p in index.stores], "val_slides": list(index.val_slides),
+        "n_train_patches": len(index.train), "n_val_patches": len(index.val), "gsd_wsi_version": __version__})
+    return resume_from
 
 
 def train_process(job: PretrainJob) -> None:
@@ -124,6 +140,9 @@ def train_process(job: PretrainJob) -> None:
     if not ctx.is_main:
         logging.getLogger("gsd_wsi").setLevel(logging.WARNING)
     try:
+        if job.prepare is not None:  # under torchrun: rank 0 prepares, the others learn the outcome
+            resume_from = prepare_run_folder(job.run_dir, job.config, job.index, *job.prepare) if ctx.is_main else None
+            job = dataclasses.replace(job, resume_from=broadcast_object(resume_from, ctx), prepare=None)
         torch.manual_seed(job.config.seed)  # identical initial weights on every rank
         info = model_json(job.config)
         model = UNet(unet_config(job.config.model, use_top_skip=job.config.use_top_skip, init=job.config.init))

@@ -24,12 +24,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from gsd_wsi.errors import ConfigError
+from gsd_wsi.errors import ConfigError, GsdWsiError
 
 logger = logging.getLogger(__name__)
 
 DevicePref = Literal["auto", "cpu", "cuda"]
 _TIMEOUT = dt.timedelta(minutes=30)
+
+
+class WorkerProcessError(GsdWsiError, RuntimeError):
+    """A training process started by --nproc failed; the message is its error."""
 
 
 @dataclass(frozen=True)
@@ -142,5 +146,12 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> None:
     if nproc == 1 or "WORLD_SIZE" in os.environ:
         fn(*args)
         return
-    torch_mp.start_processes(_entry, args=(nproc, _free_port(), fn, args), nprocs=nproc, join=True,
-                             start_method="spawn")
+    try:
+        torch_mp.start_processes(_entry, args=(nproc, _free_port(), fn, args), nprocs=nproc, join=True,
+                                 start_method="spawn")
+    except torch_mp.ProcessRaisedException as exc:
+        # The child's traceback arrives as text; its last line is the error a user needs.
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise WorkerProcessError(f"training process {exc.error_index} failed: {lines[-1]}") from None
+    except torch_mp.ProcessExitedException as exc:
+        raise WorkerProcessError(f"training process {exc.error_index} died ({exc}); resume with --resume") from None

@@ -83,12 +83,11 @@ def ema_with_warmup(decay: float) -> Callable[[list[torch.Tensor], list[torch.Te
     return update
 
 
-class PretrainLoop:
-    """Owns the model, optimizer, EMA, data and the step counter of one process."""
+class DiffusionTrainer:
+    """The model, its DDP wrapper, EMA, optimizer and noise generator, and one training step."""
 
-    def __init__(self, ctx: DistContext, config: PretrainConfig, model: UNet, schedule: NoiseSchedule,
-                 index: PatchIndex, paths: RunPaths, model_json: dict[str, Any]) -> None:
-        self.ctx, self.config, self.schedule, self.paths, self.model_json = ctx, config, schedule, paths, model_json
+    def __init__(self, ctx: DistContext, config: PretrainConfig, model: UNet, schedule: NoiseSchedule) -> None:
+        self.ctx, self.config, self.schedule = ctx, config, schedule
         on_gpu = ctx.device.type == "cuda"
         self.autocast_dtype = torch.bfloat16 if (config.precision == "bf16" or (config.precision == "auto" and on_gpu)) else None
         self.memory_format = torch.channels_last if (config.channels_last or (config.channels_last is None and on_gpu)) else torch.contiguous_format
@@ -101,14 +100,55 @@ class PretrainLoop:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.noise = torch.Generator(device=ctx.device).manual_seed(config.seed * 1009 + ctx.rank)
+        self.step = 0
+        self.divergence_hint: Callable[[], str] = lambda: "resume from an earlier checkpoint"
+
+    def _loss(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        t = self.schedule.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.schedule.add_noise(x0, eps, t).contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            eps_hat = model(x_t, t)
+        weight = self.schedule.p2_weight(t, k=self.config.p2_k, gamma=self.config.p2_gamma).to(x0.device)
+        return p2_loss(eps, eps_hat, weight, self.config.loss_reduction)
+
+    def train_step(self, x0: torch.Tensor) -> torch.Tensor:
+        self.model.train()
+        loss = self._loss(self.forward, x0, self.noise)
+        if not torch.isfinite(all_reduce_mean(loss.detach(), self.ctx)):
+            raise TrainingDivergedError(
+                f"the loss became {loss.item()} at step {self.step + 1}; {self.divergence_hint()}. Lower --lr, "
+                f"set --grad-clip, or resume with --resume")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.ema.update_parameters(self.model)
+        return loss.detach()
+
+
+class PretrainLoop(DiffusionTrainer):
+    """The trainer plus its data, validation, pictures, checkpoints and run folder."""
+
+    def __init__(self, ctx: DistContext, config: PretrainConfig, model: UNet, schedule: NoiseSchedule,
+                 index: PatchIndex, paths: RunPaths, model_json: dict[str, Any]) -> None:
+        super().__init__(ctx, config, model, schedule)
+        self.paths, self.model_json = paths, model_json
+        self.divergence_hint = self._last_checkpoint
         self.index = index
         self.train_set = PatchDataset(index.train, index.stores, config.image_size, index.tile_px)
         self.sampler = EpochSampler(len(self.train_set), config.batch_size, config.seed, ctx.rank, ctx.world_size)
-        self.loader = make_loader(self.train_set, self.sampler, config.num_workers, pin_memory=on_gpu)
+        self.loader = make_loader(self.train_set, self.sampler, config.num_workers, pin_memory=ctx.device.type == "cuda")
         self.val_set = PatchDataset(index.val, index.stores, config.image_size, index.tile_px) if len(index.val) else None
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.epoch, self.batch_in_epoch = 0, 0
         self.best_val = math.inf
         self.total_steps = config.steps or config.epochs * self.sampler.batches_per_epoch()
+
+    def _last_checkpoint(self) -> str:
+        last = ckpt.list_checkpoints(self.paths.checkpoints)
+        return f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
 
     # -- state --------------------------------------------------------------------------
     def _train_state(self, generator_states: list[torch.Tensor]) -> dict[str, Any]:
@@ -152,34 +192,6 @@ class PretrainLoop:
                                      self.model_json | {"step": self.step, "val_loss": val_loss}, None)
             ckpt.prune_checkpoints(self.paths.checkpoints, self.config.keep_last)
         barrier(self.ctx)
-
-    # -- one step -------------------------------------------------------------------------
-    def _loss(self, model: Callable[..., torch.Tensor], x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        t = self.schedule.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self.schedule.add_noise(x0, eps, t).contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.ctx.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            eps_hat = model(x_t, t)
-        weight = self.schedule.p2_weight(t, k=self.config.p2_k, gamma=self.config.p2_gamma).to(x0.device)
-        return p2_loss(eps, eps_hat, weight, self.config.loss_reduction)
-
-    def train_step(self, x0: torch.Tensor) -> torch.Tensor:
-        self.model.train()
-        loss = self._loss(self.forward, x0, self.noise)
-        if not torch.isfinite(all_reduce_mean(loss.detach(), self.ctx)):
-            last = ckpt.list_checkpoints(self.paths.checkpoints)
-            where = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-            raise TrainingDivergedError(
-                f"the loss became {loss.item()} at step {self.step + 1}; {where}. Lower --lr, set --grad-clip, "
-                f"or resume with --resume")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        self.lr_schedule.step()
-        self.ema.update_parameters(self.model)
-        return loss.detach()
 
     # -- evaluation and pictures ------------------------------------------------------------
     def _val_batches(self, n_max: int) -> torch.Tensor | None:
@@ -240,7 +252,8 @@ class PretrainLoop:
         main = self.ctx.is_main
         if main and progress is not None:
             progress.start(self.total_steps, self.step)
-        seen, window_loss, window_start = 0, torch.zeros((), device=self.ctx.device), time.perf_counter()
+        seen, window_steps, window_loss = 0, 0, torch.zeros((), device=self.ctx.device)
+        window_start = time.perf_counter()
         while self.step < self.total_steps:
             self.sampler.set_epoch(self.epoch)
             self.sampler.skip_batches(self.batch_in_epoch)
@@ -249,18 +262,19 @@ class PretrainLoop:
                 self.step += 1
                 self.batch_in_epoch += 1
                 seen += x0.shape[0] * self.ctx.world_size
+                window_steps += 1
                 window_loss += loss
                 at_end = self.step >= self.total_steps
                 if self.step % self.config.log_every == 0 or at_end:
-                    n_window = (self.step - 1) % self.config.log_every + 1
-                    mean_loss = float(all_reduce_mean(window_loss / n_window, self.ctx))
+                    mean_loss = float(all_reduce_mean(window_loss / window_steps, self.ctx))
                     img_per_s = seen / (time.perf_counter() - window_start)
                     if main:
                         self._log({"step": self.step, "epoch": self.epoch, "loss": mean_loss,
                                    "lr": self.lr_schedule.get_last_lr()[0], "img_per_s": round(img_per_s, 3)})
                         if progress is not None:
                             progress.update(self.step, mean_loss, img_per_s)
-                    seen, window_loss, window_start = 0, torch.zeros((), device=self.ctx.device), time.perf_counter()
+                    seen, window_steps, window_loss = 0, 0, torch.zeros((), device=self.ctx.device)
+                    window_start = time.perf_counter()
                 checkpoint_now = self.step % self.config.checkpoint_every == 0 or at_end
                 val_loss = None
                 if self.step % self.config.val_every == 0 or checkpoint_now:
@@ -279,6 +293,7 @@ class PretrainLoop:
                 self.batch_in_epoch = 0
                 continue
             break
+        self.loader = None  # type: ignore[assignment]  # stop persistent DataLoader workers now, not at exit
         if main:
             ckpt.save_checkpoint(self.paths.model, self.ema.module.state_dict(), None,
                                  self.model_json | {"step": self.step, "weights": "ema"}, None)
