@@ -33,7 +33,7 @@ from gsd_wsi.slide import open_slide
 from gsd_wsi.stages.tile_batch import run_tile
 from gsd_wsi.stages.tile_config import TileConfig
 from gsd_wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
-from gsd_wsi.tissue import TissueConfig, detect_tissue
+from gsd_wsi.tissue import detect_tissue
 
 TILE_PX = 256
 

@@ -420,8 +420,10 @@ def write_synthetic_slide(path: Path, spec: SyntheticSlideSpec = SyntheticSlideS
         with tifffile.TiffWriter(tmp, bigtiff=W * H * 3 > 2**31) as tw:
             tw.write(level0_tiles(), shape=(H, W, 3), dtype=np.uint8, description=desc,
                      resolution=(1e4 / spec.mpp, 1e4 / spec.mpp), **common)
+            level = levels[0]  # each further level is the 4x4 average of the one before
             for i, d in enumerate(downsamples[1:]):
-                level = levels[0] if i == 0 else _pool4(level)
+                if i > 0:
+                    level = _pool4(level)
                 tw.write(level, subfiletype=1, resolution=(1e4 / (spec.mpp * d), 1e4 / (spec.mpp * d)), **common)
         os.replace(tmp, path)
     except BaseException:

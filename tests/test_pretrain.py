@@ -215,3 +215,55 @@ def test_cli_end_to_end_with_yaml(stores: Path, tmp_path: Path) -> None:
     again = CliRunner().invoke(app, ["pretrain", str(stores), "-o", str(tmp_path / "run"), "--config", str(config),
                                      "--steps", "4"])
     assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_sigkill_then_resume(stores: Path, tmp_path: Path) -> None:
+    """kill -9 in the middle of a run, then --resume: the run finishes from its last checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "gsd_wsi", "-q", "pretrain", str(stores), "-o", str(run), "--model", "tiny",
+            "--image-size", "32", "--batch-size", "8", "--num-workers", "0", "--checkpoint-every", "2",
+            "--sample-every", "1000", "--steps", "400"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list_checkpoints(run / "checkpoints")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list_checkpoints(run / "checkpoints"), "no checkpoint within 60 s"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_at = list_checkpoints(run / "checkpoints")[-1][0]
+    assert killed_at < 400
+    resumed = run_pretrain([stores], run, PretrainConfig(**FAST | {"steps": killed_at + 4, "checkpoint_every": 2,
+                                                                   "lr": 1e-4}), resume=True)
+    assert list_checkpoints(resumed.root / "checkpoints")[-1][0] == killed_at + 4
+    assert (resumed.model / "model.safetensors").is_file()
+
+
+def test_torchrun_two_processes(stores: Path, tmp_path: Path) -> None:
+    """The same command under torchrun: rank 0 prepares the folder, one writer, one report."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    args = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "gsd_wsi", "pretrain", str(stores),
+            "-o", str(tmp_path / "run"), "--model", "tiny", "--image-size", "32", "--batch-size", "4",
+            "--num-workers", "0", "--steps", "4", "--sample-every", "4", "--checkpoint-every", "2"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("pretrained model:") + done.stdout.count("pretrained model:") == 1
+    assert [m["step"] for m in _metrics(tmp_path / "run") if "loss" in m] == [4]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
+    assert state["world_size"] == 2
+    again = subprocess.run(args[:-6] + ["--steps", "6", "--sample-every", "6", "--checkpoint-every", "2", "--resume"],
+                           capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [m["step"] for m in _metrics(tmp_path / "run") if "loss" in m] == [4, 6]

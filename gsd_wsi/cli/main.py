@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -219,5 +220,6 @@ def pretrain(
                              log_setup=functools.partial(_setup_logging, _LOGGING["verbose"], _LOGGING["quiet"]))
     except GsdWsiError as exc:
         raise _fail(exc) from exc
-    console.print(f"pretrained model: {paths.model}", highlight=False)
-    console.print(f"loss curve: {paths.root / 'loss.png'}   samples: {paths.samples}", highlight=False)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one report, not one per process
+        console.print(f"pretrained model: {paths.model}", highlight=False)
+        console.print(f"loss curve: {paths.root / 'loss.png'}   samples: {paths.samples}", highlight=False)

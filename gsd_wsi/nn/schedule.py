@@ -26,6 +26,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from gsd_wsi.config import dataclass_from_dict
 from gsd_wsi.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,7 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScheduleConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown schedule config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "schedule config")
 
 
 def beta_schedule(config: ScheduleConfig) -> Tensor:

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from gsd_wsi.config import check_keys, read_yaml_mapping
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.progress import Progress
 from gsd_wsi.stages.tile import SlideResult
@@ -42,29 +41,16 @@ def _fields_of(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _check_keys(where: str, given: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-
-
 def load_pipeline(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such pipeline file") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a pipeline is a YAML mapping with sections {', '.join(sorted(_SECTIONS))}")
-    _check_keys(str(path), data, _SECTIONS)
+    data = read_yaml_mapping(path, f"pipeline {path}")
+    check_keys(str(path), data, _SECTIONS)
     return data
 
 
 def _tile_config(path: Path, settings: dict[str, Any]) -> tuple[TileConfig, int]:
     """The tile section as a validated TileConfig and a worker count."""
     workers = int(settings.pop("workers", 1))
-    _check_keys(f"{path}: tile", settings, _fields_of(TileConfig) | {"thumb_mpp"})
+    check_keys(f"{path}: tile", settings, _fields_of(TileConfig) | {"thumb_mpp"})
     if "thumb_mpp" in settings:
         settings["tissue"] = TissueConfig(thumb_mpp=float(settings.pop("thumb_mpp")))
     if settings.get("stain_target") is not None:
@@ -82,7 +68,7 @@ def run_pipeline(path: str | Path, out_dir: str | Path, progress: Progress | Non
     for i, entry in enumerate(data.get("synthetic_slides") or []):
         entry = dict(entry)
         slide_id = str(entry.pop("slide_id", f"synthetic-{i}"))
-        _check_keys(f"{path}: synthetic_slides[{i}]", entry, _fields_of(SyntheticSlideSpec))
+        check_keys(f"{path}: synthetic_slides[{i}]", entry, _fields_of(SyntheticSlideSpec))
         spec = SyntheticSlideSpec(**entry)
         target = slides_dir / f"{slide_id}.{spec.fmt}"
         if not target.exists():  # deterministic: an existing one is the same slide

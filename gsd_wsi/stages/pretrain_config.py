@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
-
+from gsd_wsi.config import dataclass_from_dict, read_yaml_mapping
 from gsd_wsi.errors import ConfigError
 
 ModelSize = Literal["tiny", "small", "base"]
@@ -89,11 +88,7 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> PretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, where)
 
     def learning_settings(self) -> dict[str, Any]:
         """What must be equal for a resumed run to be the same run."""
@@ -102,12 +97,5 @@ class PretrainConfig:
 
 def load_yaml_settings(path: Path) -> dict[str, Any]:
     """Settings from a YAML file (keys as in PretrainConfig; dashes allowed)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"--config {path}: no such file") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of settings")
+    data = read_yaml_mapping(path, f"--config {path}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -227,7 +227,7 @@ def fill_shards(
     slide, normalizer = _cache.get(plan)
     images = open_images_for_writing(plan.store_path)
     shards = plan.shards
-    offset = 0
+    offset = previous_n = 0
     pending: Future[None] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsd-wsi-writer") as writer:
         for index in shard_indices:
