@@ -43,11 +43,17 @@ def test_run_pipeline_and_synth(tmp_path: Path) -> None:
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(
         "name: t\nsynthetic_slides:\n  - {slide_id: s, width_px: 2048, height_px: 1536, mpp: 0.5, seed: 2}\n"
-        "tile: {tile_px: 128, stain: reinhard}\n"
+        "tile: {tile_px: 32, stain: reinhard}\n"
+        "pretrain: {model: tiny, image_size: 32, batch_size: 4, steps: 2, num_workers: 0, val_fraction: 0,\n"
+        "           sample_every: 2, checkpoint_every: 2, sample_steps: 2, n_samples: 1}\n"
     )
     result = runner.invoke(app, ["run", str(pipeline), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "QC picture" in result.output and (tmp_path / "out" / "tiles" / "s" / "tissue.png").is_file()
+    assert "pretrained U-Net" in result.output
+    assert (tmp_path / "out" / "pretrain" / "model" / "model.safetensors").is_file()
+    again = runner.invoke(app, ["run", str(pipeline), "-o", str(tmp_path / "out")])
+    assert again.exit_code == 0 and "skipped" in again.output  # finished work is kept
     bad = tmp_path / "bad.yaml"
     bad.write_text("tile: {tile_pixels: 3}\n")
     result = runner.invoke(app, ["run", str(bad), "-o", str(tmp_path / "o2")])

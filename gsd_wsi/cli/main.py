@@ -120,13 +120,13 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
 ) -> None:
     """Run the stages of a pipeline file, in order (`make demo` runs pipelines/demo.yaml)."""
-    from gsd_wsi.cli.progress import TileProgressBars
+    from gsd_wsi.cli.progress import TileProgressBars, TrainProgressBars
     from gsd_wsi.stages.pipeline import run_pipeline
     from gsd_wsi.stages.tile import QC_NAME
     from gsd_wsi.store import STORE_NAME
 
     try:
-        result = run_pipeline(pipeline, out, progress=TileProgressBars(console))
+        result = run_pipeline(pipeline, out, progress=TileProgressBars(console), pretrain_progress=TrainProgressBars)
     except GsdWsiError as exc:
         raise _fail(exc) from exc
     for r in result.tile_results:
@@ -135,6 +135,10 @@ def run(
         if r.status in ("ok", "skipped", "no_tissue"):
             console.print(f"          patches: {result.tiles_dir / r.slide_id / STORE_NAME}", highlight=False)
             console.print(f"          QC picture: {result.tiles_dir / r.slide_id / QC_NAME}", highlight=False)
+    if result.pretrain_dir is not None:
+        console.print(f"pretrained U-Net: {result.pretrain_dir / 'model'}", highlight=False)
+        console.print(f"          loss curve: {result.pretrain_dir / 'loss.png'}   samples and denoising: "
+                      f"{result.pretrain_dir / 'samples'}", highlight=False)
     if any(r.status == "failed" for r in result.tile_results):
         raise typer.Exit(1)
 
