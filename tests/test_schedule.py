@@ -1,4 +1,4 @@
-"""The noise schedule (method.md section 1): closed forms, forward process, P2 weight, sampler."""
+"""The noise schedule (docs/method.md section 1): closed forms, forward process, P2 weight, sampler."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GenSelfDiff-HIS U-Net (method.md section 2): shapes, exact sizes, head, init, formats."""
+"""The GenSelfDiff-HIS U-Net (docs/method.md section 2): shapes, exact sizes, head, init, formats."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_output_shape(name: str, out_channels: int) -> None:
     ("tiny", False, 655_195),
     ("tiny", True, 658_027),
     ("small", False, 8_073_331),
-    ("base", False, 31_267_083),      # method.md: ~31.3 M (the reference network)
+    ("base", False, 31_267_083),      # docs/method.md: ~31.3 M (the reference network)
     ("base", True, 31_312_203),
 ])
 def test_parameter_counts_are_pinned(name: str, use_top_skip: bool, count: int) -> None:
@@ -96,7 +96,7 @@ def test_head_prefixes_select_exactly_the_head() -> None:
 
 
 def test_pretrained_body_loads_into_a_segmenter_except_the_head() -> None:
-    """Fine-tuning (method.md section 3): every weight but the head's carries over."""
+    """Fine-tuning (docs/method.md section 3): every weight but the head's carries over."""
     pretrained = UNet(unet_config("tiny", out_channels=3))
     segmenter = UNet(unet_config("tiny", out_channels=4))
     body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith(UNet.HEAD_PREFIXES)}

@@ -1,4 +1,4 @@
-"""Networks and the noise schedule (method.md sections 1-2).
+"""Networks and the noise schedule (docs/method.md sections 1-2).
 
 :class:`UNet` is the one network of GenSelfDiff-HIS, pretrained as an eps-predicting diffusion
 model and fine-tuned as a segmenter; :class:`NoiseSchedule` owns the diffusion maths apart from it.

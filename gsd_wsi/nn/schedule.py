@@ -1,6 +1,6 @@
 """The DDPM noise schedule: betas, the forward process, the P2 loss weight and ancestral sampling.
 
-method.md section 1. A small object apart from the network: ``add_noise`` for training,
+docs/method.md section 1. A small object apart from the network: ``add_noise`` for training,
 ``p2_weight`` for the loss, ``step``/``sample`` for monitoring grids, and a config that
 round-trips to JSON.
 
@@ -39,7 +39,7 @@ MAX_BETA = 0.999          # ... and their clip of the cosine betas
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The beta schedule (method.md section 1). ``beta_start``/``beta_end`` do not apply to cosine."""
+    """The beta schedule (docs/method.md section 1). ``beta_start``/``beta_end`` do not apply to cosine."""
 
     kind: ScheduleKind = "quadratic"
     timesteps: int = 1000

@@ -1,11 +1,11 @@
 """The GenSelfDiff-HIS U-Net: one network for diffusion pretraining and for segmentation.
 
-method.md section 2. The network follows the "annotated diffusion" U-Net the reference uses:
+docs/method.md section 2. The network follows the "annotated diffusion" U-Net the reference uses:
 a 7x7 input conv, four encoder levels of (ResBlock, ResBlock, linear attention, 4x4 stride-2
 conv), a bottleneck with full softmax self-attention, three decoder stages of (concat skip,
 ResBlock, ResBlock, linear attention, 4x4 stride-2 transposed conv), and a head of one ResBlock
 without time input plus a 1x1 conv. Pretraining uses ``out_channels = 3`` (predicted noise),
-segmentation ``out_channels = num_classes`` with the same body (method.md section 3).
+segmentation ``out_channels = num_classes`` with the same body (docs/method.md section 3).
 
 The state-dict keys mirror the reference network's (``init_conv``, ``time_mlp``, ``downs``,
 ``mid_block1``, ``mid_attn``, ``mid_block2``, ``ups``, ``final_conv``), so a reference
@@ -35,7 +35,7 @@ INIT_SCHEMES: tuple[str, ...] = get_args(InitScheme)
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Constructor arguments of :class:`UNet`; saved in every checkpoint (method.md section 2)."""
+    """Constructor arguments of :class:`UNet`; saved in every checkpoint (docs/method.md section 2)."""
 
     dim: int = 64
     dim_mults: tuple[int, ...] = (1, 2, 4, 8)
@@ -104,7 +104,7 @@ def _is_int(value: object) -> bool:
 
 
 UNET_PRESETS: dict[str, UNetConfig] = {
-    # the reference network of method.md section 2: 31,267,083 parameters
+    # the reference network of docs/method.md section 2: 31,267,083 parameters
     "base": UNetConfig(),
     # half width, same depth: 8,073,331 parameters, ~0.7 img/s training at 256 px on one core
     "small": UNetConfig(dim=32),
@@ -230,7 +230,7 @@ class Residual(nn.Module):
 
 
 class UNet(nn.Module):
-    """The GenSelfDiff-HIS U-Net (method.md section 2): ``forward(x, t) -> (B, out_channels, H, W)``.
+    """The GenSelfDiff-HIS U-Net (docs/method.md section 2): ``forward(x, t) -> (B, out_channels, H, W)``.
 
     The encoder keeps one skip per level but the decoder has one stage fewer, so the reference
     never uses the first level's full-resolution skip (the faithful default). With

@@ -1,7 +1,7 @@
-"""Settings of `gsd-wsi pretrain` (method.md section 1), validated once, saved with the run.
+"""Settings of `gsd-wsi pretrain` (docs/method.md section 1), validated once, saved with the run.
 
 Defaults are the method's faithful values; fixes of the reference code are options whose
-defaults method.md sets (loss averaged over the batch, not summed).
+defaults docs/method.md sets (loss averaged over the batch, not summed).
 """
 
 from __future__ import annotations

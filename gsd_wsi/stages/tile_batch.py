@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from gsd_wsi.atomic import atomic_write_text, remove_stale_temporaries
 from gsd_wsi.errors import GsdWsiError, OutputError
 from gsd_wsi.manifest import SlideInput, collect_inputs
@@ -78,10 +80,11 @@ def run_tile(
             progress.slide_done(result)
             _write_summary(out_dir, [results[k] for k in sorted(results)])
 
+        run = _Run(out_dir, config, target_rgb, overwrite, progress, record)
         if workers == 1:
-            _run_serial(todo, out_dir, config, target_rgb, overwrite, progress, record)
+            _run_serial(todo, run)
         else:
-            _run_parallel(todo, out_dir, config, target_rgb, overwrite, workers, progress, record)
+            _run_parallel(todo, run, workers)
         _write_summary(out_dir, [results[k] for k in sorted(results)])
         progress.finish()
     return [results[k] for k in sorted(results)]
@@ -92,22 +95,37 @@ def _failed(item: SlideInput, exc: BaseException) -> SlideResult:
     return SlideResult(item.slide_id, item.path, "failed", error=message.replace("\n", " "))
 
 
-def _run_serial(todo, out_dir, config, target_rgb, overwrite, progress, record) -> None:  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class _Run:
+    """What every slide of one run shares."""
+
+    out_dir: Path
+    config: TileConfig
+    target_rgb: np.ndarray | None
+    overwrite: bool
+    progress: Progress
+    record: Callable[[int, SlideResult], None]
+
+    def plan_args(self, item: SlideInput) -> tuple:
+        return item, self.out_dir, self.config, self.target_rgb, self.overwrite
+
+
+def _run_serial(todo: list[tuple[int, SlideInput]], run: _Run) -> None:
     for index, item in todo:
         plan: SlidePlan | None = None
         try:
-            planned = plan_slide(item, out_dir, config, target_rgb, overwrite)
+            planned = plan_slide(*run.plan_args(item))
             if isinstance(planned, SlideResult):
-                record(index, planned)
+                run.record(index, planned)
                 continue
             plan = planned
-            progress.slide_started(item.slide_id, plan.n_patches)
-            fill_shards(plan, list(range(len(plan.shards))), planned_read_xy(plan), on_shard=progress.tiles_done)
-            record(index, finish_slide(plan))
+            run.progress.slide_started(item.slide_id, plan.n_patches)
+            fill_shards(plan, list(range(len(plan.shards))), planned_read_xy(plan), on_shard=run.progress.tiles_done)
+            run.record(index, finish_slide(plan))
         except Exception as exc:  # one slide's failure never stops the others
             if plan is not None:
                 abandon_slide(plan)
-            record(index, _failed(item, exc))
+            run.record(index, _failed(item, exc))
 
 
 def _worker_pool(workers: int) -> tuple[ProcessPoolExecutor, logging.handlers.QueueListener]:
@@ -133,12 +151,12 @@ def _init_worker(log_queue: mp.Queue, level: int) -> None:
     logging.getLogger("gsd_wsi").setLevel(level)
 
 
-def _run_parallel(todo, out_dir, config, target_rgb, overwrite, workers, progress, record) -> None:  # type: ignore[no-untyped-def]
+def _run_parallel(todo: list[tuple[int, SlideInput]], run: _Run, workers: int) -> None:
     pool, listener = _worker_pool(workers)
     listener.start()
     try:
         with pool:
-            _Scheduler(pool, workers, progress, record, lambda item: (item, out_dir, config, target_rgb, overwrite)).run(todo)
+            _Scheduler(pool, workers, run).run(todo)
     finally:
         listener.stop()
 
@@ -157,9 +175,9 @@ class _Scheduler:
     """Plans a few slides ahead, fills each planned slide's shard groups in any worker, and
     finishes a slide when its last group is written. Results go to ``record`` as they come."""
 
-    def __init__(self, pool: ProcessPoolExecutor, workers: int, progress: Progress,
-                 record: Callable[[int, SlideResult], None], plan_args: Callable[[SlideInput], tuple]) -> None:
-        self.pool, self.workers, self.progress, self.record, self.plan_args = pool, workers, progress, record, plan_args
+    def __init__(self, pool: ProcessPoolExecutor, workers: int, run: _Run) -> None:
+        self.pool, self.workers = pool, workers
+        self.progress, self.record, self.plan_args = run.progress, run.record, run.plan_args
         self.planning: dict[Future, tuple[int, SlideInput]] = {}
         self.filling: dict[Future, int] = {}      # fill job -> input index
         self.open: dict[int, _OpenSlide] = {}     # input index -> slide being filled

@@ -1,4 +1,4 @@
-"""The diffusion pretraining loop (method.md section 1), one process of a DDP group.
+"""The diffusion pretraining loop (docs/method.md section 1), one process of a DDP group.
 
 Each step: draw t uniformly and eps ~ N(0, I), noise the batch, predict eps, and minimise
 the P2-weighted squared error. Rank 0 logs, evaluates, draws monitoring grids and writes
