@@ -1,0 +1,63 @@
+"""A pretraining run becomes a segmentation U-Net: body loaded, head new, mismatches refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gsd_wsi.errors import ConfigError
+from gsd_wsi.nn.unet import unet_config
+from gsd_wsi.stages.pretrain import run_pretrain
+from gsd_wsi.stages.pretrain_config import PretrainConfig
+from gsd_wsi.store import create_store, open_images_for_writing, shard_ranges
+from gsd_wsi.train.checkpoint import load_weights
+from gsd_wsi.train.transfer import segmentation_unet
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("transfer")
+    rng = np.random.default_rng(0)
+    for slide in ("a", "b"):
+        images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+        coords = np.stack([np.arange(24) * 32, np.zeros(24)], axis=1).astype(np.int64)
+        path = root / "tiles" / slide / "patches.zarr"
+        create_store(path, coords, np.ones(24), 32, {"slide_id": slide, "tile_px": 32}, shard_patches=8)
+        writer = open_images_for_writing(path)
+        for start, stop in shard_ranges(24, 8):
+            writer[start:stop] = images[start:stop]
+    config = PretrainConfig(model="tiny", image_size=32, batch_size=4, steps=2, num_workers=0, sample_every=2,
+                            sample_steps=2, n_samples=1, val_patches=4, init="pytorch")
+    return run_pretrain([root / "tiles"], root / "run", config).root
+
+
+def test_body_loaded_head_reinitialised(pretrained_run: Path) -> None:
+    model, record = segmentation_unet(pretrained_run, 3, unet_config("tiny"), patch_px=32)
+    pretrained = load_weights(pretrained_run / "model")
+    state = model.state_dict()
+    body = [k for k in pretrained if not k.startswith("final_conv.")]
+    assert body and all(torch.equal(state[k], pretrained[k]) for k in body)
+    assert record["reinitialised"] and all(k.startswith("final_conv.") for k in record["reinitialised"])
+    assert state["final_conv.1.weight"].shape[0] == 3  # the new 1x1 conv has one output per class
+    logits = model(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
+    assert logits.shape == (1, 3, 32, 32)
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen
+
+
+def test_mismatches_are_refused(pretrained_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="another architecture.*--model tiny"):
+        segmentation_unet(pretrained_run, 2, unet_config("small"), patch_px=32)
+    with pytest.raises(ConfigError, match="--patch-px 32"):
+        segmentation_unet(pretrained_run, 2, unet_config("tiny"), patch_px=64)
+    with pytest.raises(ConfigError, match="not a pretraining run"):
+        segmentation_unet(tmp_path, 2, unet_config("tiny"), patch_px=32)
+    with pytest.raises(ConfigError, match="at least 2"):
+        segmentation_unet(None, 1, unet_config("tiny"), patch_px=32)
+
+
+def test_from_scratch(pretrained_run: Path) -> None:
+    model, record = segmentation_unet(None, 2, unet_config("tiny"), patch_px=32)
+    assert record == {"pretrained": None} and model.config.out_channels == 2
