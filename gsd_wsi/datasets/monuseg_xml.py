@@ -6,11 +6,13 @@ returns the polygons in file order, as ``(K, 2)`` float arrays of ``(x, y)``;
 :func:`rasterise_instances` turns them into an int32 instance map with ids ``1..N``.
 
 Choices:
-- A Region with **no** vertices at all (an empty ``<Vertices/>``, which ImageScope can
-  write) carries no annotation: it is skipped with a warning and gets no id. A Region with
-  1 or 2 vertices, or with a missing / non-numeric / non-finite coordinate, is an error
-  naming the file and the region index (0-based, in file order), as is a file with no
-  Region at all or one that is not well-formed XML.
+- A Region with fewer than 3 vertices encloses no area. By default it is **skipped with a
+  warning** naming the file and region indices, and gets no id: the official MoNuSeg files
+  contain such regions (one 2-vertex Region each in TCGA-50-5931 and TCGA-E2-A1B5), so
+  refusing them would refuse the reference data. ``strict=True`` makes it an error naming
+  the file and the region index (0-based, in file order).
+- Always errors: a file that is not well-formed XML, a file with no Region at all (or only
+  degenerate ones), a vertex with a missing / non-numeric / non-finite coordinate.
 - Overlapping polygons: the later polygon in file order wins the shared pixels.
 - A pixel belongs to a polygon when its centre (integer coordinates) lies inside it
   (``skimage.draw.polygon``); a sliver thinner than a pixel may therefore cover nothing,
@@ -48,12 +50,12 @@ def _coordinate(vertex: ET.Element, axis: str, path: Path, region_index: int) ->
     return value
 
 
-def read_aperio_xml(path: Path) -> list[np.ndarray]:
+def read_aperio_xml(path: Path, strict: bool = False) -> list[np.ndarray]:
     """Polygons of every ``<Region>`` in ``path``, each ``(K, 2)`` float64 ``(x, y)`` pixels.
 
     Regions are taken in document order across all ``<Annotation>`` elements. Raises
-    :class:`DatasetError` for unparsable XML, a file without Regions, or a Region with 1-2
-    vertices or a bad coordinate; Regions without any vertex are skipped with a warning.
+    :class:`DatasetError` for unparsable XML, a file without Regions or a bad coordinate;
+    Regions with fewer than 3 vertices are skipped with a warning (an error if ``strict``).
     """
     path = Path(path)
     try:
@@ -61,7 +63,9 @@ def read_aperio_xml(path: Path) -> list[np.ndarray]:
     except FileNotFoundError as exc:
         raise DatasetError(f"{path}: no such annotation file") from exc
     except ET.ParseError as exc:
-        raise DatasetError(f"{path}: not well-formed XML ({exc}); expected an Aperio ImageScope annotation file") from exc
+        raise DatasetError(
+            f"{path}: not well-formed XML ({exc}); expected an Aperio ImageScope annotation file"
+        ) from exc
 
     regions = list(root.iter("Region"))
     if not regions:
@@ -72,20 +76,23 @@ def read_aperio_xml(path: Path) -> list[np.ndarray]:
     skipped: list[int] = []
     for index, region in enumerate(regions):
         vertices = list(region.iter("Vertex"))
-        if not vertices:
+        if len(vertices) < MIN_VERTICES:
+            if strict:
+                raise DatasetError(
+                    f"{path}: region {index} (Id={region.get('Id')!r}) has {len(vertices)} vertices; "
+                    f"a polygon needs at least {MIN_VERTICES}"
+                )
             skipped.append(index)
             continue
-        if len(vertices) < MIN_VERTICES:
-            raise DatasetError(
-                f"{path}: region {index} (Id={region.get('Id')!r}) has {len(vertices)} vertices; "
-                f"a polygon needs at least {MIN_VERTICES}"
-            )
         xy = [(_coordinate(v, "X", path, index), _coordinate(v, "Y", path, index)) for v in vertices]
         polygons.append(np.asarray(xy, dtype=np.float64))
     if skipped:
-        log.warning("%s: skipped %d region(s) without vertices (indices %s)", path, len(skipped), skipped[:10])
+        log.warning(
+            "%s: skipped %d region(s) with fewer than %d vertices (indices %s)",
+            path, len(skipped), MIN_VERTICES, skipped[:10],
+        )
     if not polygons:
-        raise DatasetError(f"{path}: all {len(regions)} regions are empty (no vertices)")
+        raise DatasetError(f"{path}: none of the {len(regions)} regions has {MIN_VERTICES} or more vertices")
     log.debug("%s: %d polygons", path, len(polygons))
     return polygons
 
