@@ -50,3 +50,7 @@ class TrainingDivergedError(GsdWsiError, ArithmeticError):
 
 class RunFolderError(GsdWsiError, FileExistsError):
     """An output folder holds a run that this command must not silently overwrite."""
+
+
+class MetricInputError(GsdWsiError, ValueError):
+    """Inputs to a metric are malformed (shapes differ, labels out of range, negative ids)."""
