@@ -68,3 +68,29 @@ def segmentation_unet(pretrained: Path | None, n_classes: int, base_config: UNet
                 len(state), folder, len(missing))
     return model, {"pretrained": str(folder), "pretrained_step": info.get("step"), "loaded_tensors": len(state),
                    "reinitialised": sorted(missing)}
+
+
+#: ``model.json["kind"]`` of a fine-tuned segmentation network.
+SEGMENTATION_KIND = "gsd-wsi segmentation U-Net"
+
+
+def segmentation_model_json(model: UNet, class_names: list[str], patch_px: int, mpp: float | None,
+                            input_range: tuple[float, float], stain: dict[str, Any], extra: dict[str, Any]) -> dict:
+    """What `evaluate` and `segment` need to reproduce the preprocessing without flags."""
+    if len(class_names) != model.config.out_channels:
+        raise ConfigError(f"{len(class_names)} class names for a {model.config.out_channels}-class network")
+    return {"kind": SEGMENTATION_KIND, "model": model.config.to_dict(), "classes": list(class_names),
+            "patch_px": patch_px, "mpp": mpp, "input_range": list(input_range), "stain": stain} | extra
+
+
+def load_segmentation_model(path: Path) -> tuple[UNet, dict[str, Any]]:
+    """A fine-tuned network from its run folder (``RUN/model``) or checkpoint folder, in eval mode."""
+    path = Path(path)
+    folder = path if (path / ckpt.MODEL_JSON).is_file() else path / "model"
+    info = ckpt.load_model_json(folder)
+    if info.get("kind") != SEGMENTATION_KIND:
+        raise ConfigError(f"{folder}: not a fine-tuned segmentation model (kind {info.get('kind')!r}); "
+                          f"give the folder `gsd-wsi finetune -o` wrote")
+    model = UNet(UNetConfig.from_dict(info["model"]))
+    model.load_state_dict(ckpt.load_weights(folder, ema=False))
+    return model.eval(), info
