@@ -45,3 +45,27 @@ def synthetic_tiff(tmp_path_factory: pytest.TempPathFactory):
 
     spec = SyntheticSlideSpec(width_px=3072, height_px=2048, mpp=0.5, fmt="tiff", file_tile_px=240, seed=5)
     return write_synthetic_slide(tmp_path_factory.mktemp("tiff") / "synth.tiff", spec)
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step tiny pretraining run on two random 32-px stores (for fine-tuning tests)."""
+    import numpy as np
+
+    from gsd_wsi.stages.pretrain import run_pretrain
+    from gsd_wsi.stages.pretrain_config import PretrainConfig
+    from gsd_wsi.store import create_store, open_images_for_writing, shard_ranges
+
+    root = tmp_path_factory.mktemp("pretrained")
+    rng = np.random.default_rng(0)
+    for slide in ("a", "b"):
+        images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+        coords = np.stack([np.arange(24) * 32, np.zeros(24)], axis=1).astype(np.int64)
+        path = root / "tiles" / slide / "patches.zarr"
+        create_store(path, coords, np.ones(24), 32, {"slide_id": slide, "tile_px": 32}, shard_patches=8)
+        writer = open_images_for_writing(path)
+        for start, stop in shard_ranges(24, 8):
+            writer[start:stop] = images[start:stop]
+    config = PretrainConfig(model="tiny", image_size=32, batch_size=4, steps=2, num_workers=0, sample_every=2,
+                            sample_steps=2, n_samples=1, val_patches=4, init="pytorch")
+    return run_pretrain([root / "tiles"], root / "run", config).root

@@ -21,7 +21,7 @@ InputRange = tuple[float, float]
 def to_input(image_uint8: np.ndarray, input_range: InputRange = (-1.0, 1.0)) -> Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float in ``input_range``."""
     low, high = input_range
-    x = torch.from_numpy(np.ascontiguousarray(image_uint8)).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.tensor(np.asarray(image_uint8)).permute(2, 0, 1)[None].float() / 255.0  # a copy: inputs may be read-only
     return x * (high - low) + low
 
 

@@ -73,3 +73,34 @@ def plot_loss_curve(metrics_path: Path, out_path: Path, title: str) -> None:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(out_path, buffer.getvalue())
+
+
+def plot_curves(metrics_path: Path, out_path: Path, title: str, panels: list[tuple[str, str, bool]]) -> None:
+    """One panel per (metric key, axis label, log scale) against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for line in Path(metrics_path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), dpi=110, squeeze=False)
+    for ax, (key, label, log) in zip(axes[0], panels):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), "o-" if len(points) < 40 else "-", lw=1.2, ms=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if log and points:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out_path, buffer.getvalue())

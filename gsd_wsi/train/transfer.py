@@ -31,6 +31,11 @@ def pretrained_folder(path: Path) -> Path:
                       f"`gsd-wsi pretrain -o` wrote, or --pretrained none to train from scratch")
 
 
+def pretrained_unet_config(pretrained: Path) -> UNetConfig:
+    """The architecture of a pretraining run (or checkpoint)."""
+    return UNetConfig.from_dict(ckpt.load_model_json(pretrained_folder(pretrained))["model"])
+
+
 def segmentation_unet(pretrained: Path | None, n_classes: int, base_config: UNetConfig,
                       patch_px: int) -> tuple[UNet, dict[str, Any]]:
     """The segmentation U-Net and a record of where its weights came from.

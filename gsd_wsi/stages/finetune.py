@@ -1,0 +1,232 @@
+"""`gsd-wsi finetune`: the pretrained U-Net fine-tuned for segmentation (docs/method.md section 3).
+
+Run folder::
+
+    RUN/config.json      settings, data split (image names), where the weights came from
+    RUN/metrics.jsonl    per epoch: step, epoch, loss, val_dice, lr, img/s
+    RUN/curves.png       training loss and validation Dice
+    RUN/model/           the best network by validation Dice (safetensors + model.json with the
+                         classes, patch size, mpp, input range and stain normalisation)
+    RUN/last/            the network after the last epoch
+
+Training images are cut into random crops every epoch; validation predicts whole images by
+sliding window, as evaluation does, and keeps the best model by foreground Dice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from gsd_wsi import __version__
+from gsd_wsi.datasets import LabelledImage, discover, label_subset, load_example, read_split_file, split_by_image
+from gsd_wsi.errors import ConfigError, RunFolderError
+from gsd_wsi.metrics import semantic_scores
+from gsd_wsi.nn.inference import predict_probabilities
+from gsd_wsi.nn.losses import SegmentationLoss
+from gsd_wsi.nn.unet import unet_config
+from gsd_wsi.train import checkpoint as ckpt
+from gsd_wsi.train.augment import training_augmentation
+from gsd_wsi.train.ddp import resolve_device
+from gsd_wsi.train.monitor import plot_curves
+from gsd_wsi.train.pretrain_loop import TrainProgress
+from gsd_wsi.train.transfer import pretrained_unet_config, segmentation_model_json, segmentation_unet
+
+logger = logging.getLogger(__name__)
+
+INPUT_RANGES = {"minus_one_one": (-1.0, 1.0), "zero_one": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    classes: int = 2
+    class_names: tuple[str, ...] | None = None     # default: background, class_1, ...
+    model: Literal["tiny", "small", "base"] | None = None  # None: the pretrained run's, or base from scratch
+    init: Literal["reference", "pytorch"] = "reference"
+    label_fraction: float = 1.0
+    epochs: int = 150
+    batch_size: int = 8
+    patch_px: int = 256
+    crops_per_image: int = 8                        # random crops of each training image per epoch
+    val_fraction: float = 0.2
+    loss: Literal["ss+focal", "dice+ce"] = "ss+focal"
+    ss_variant: Literal["pixel", "reference"] = "pixel"
+    lr: float = 1e-4
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.999
+    input_range: Literal["minus_one_one", "zero_one"] = "minus_one_one"   # zero_one is the reference's
+    mpp: float | None = None                        # resolution of the training images, for `segment`
+    split_file: Path | None = None                  # its test images are never trained on
+    seed: int = 0
+    num_workers: int = 0
+    val_every: int = 1                              # epochs
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.classes < 2:
+            raise ConfigError(f"--classes must be at least 2 (background and one class); got {self.classes}")
+        if self.class_names is not None and len(self.class_names) != self.classes:
+            raise ConfigError(f"{len(self.class_names)} class names for --classes {self.classes}")
+        if not 0 < self.label_fraction <= 1:
+            raise ConfigError(f"--label-fraction must be in (0, 1]; got {self.label_fraction}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
+        for name in ("epochs", "batch_size", "crops_per_image", "val_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.patch_px % 16:
+            raise ConfigError(f"--patch-px must be a multiple of 16; got {self.patch_px}")
+        if self.input_range not in INPUT_RANGES:
+            raise ConfigError(f"--input-range must be one of {', '.join(INPUT_RANGES)}; got {self.input_range!r}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.class_names) if self.class_names else ["background", *(f"class_{i}" for i in range(1, self.classes))]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["split_file"] = None if self.split_file is None else str(self.split_file)
+        return data
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Random ``patch_px`` crops of whole labelled images, augmented; images padded if smaller."""
+
+    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig) -> None:
+        size = config.patch_px
+        self.examples = [_pad_to(image, label, size) for image, label in examples]
+        self.size, self.crops = size, config.crops_per_image
+        self.low, self.high = INPUT_RANGES[config.input_range]
+        self.augment = training_augmentation(size, seed=config.seed)
+        self.rng = np.random.default_rng(config.seed)
+
+    def __len__(self) -> int:
+        return len(self.examples) * self.crops
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.examples[index % len(self.examples)]
+        y0 = int(self.rng.integers(0, image.shape[0] - self.size + 1))
+        x0 = int(self.rng.integers(0, image.shape[1] - self.size + 1))
+        crop = {"image": torch.from_numpy(image[y0:y0 + self.size, x0:x0 + self.size].transpose(2, 0, 1) / 255.0).float(),
+                "label": torch.from_numpy(label[None, y0:y0 + self.size, x0:x0 + self.size].copy())}
+        out = self.augment(crop)
+        x = torch.as_tensor(out["image"]).float() * (self.high - self.low) + self.low
+        return x, torch.as_tensor(out["label"])[0].long()
+
+
+def _pad_to(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    pad_y, pad_x = max(0, size - image.shape[0]), max(0, size - image.shape[1])
+    if pad_y or pad_x:
+        image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect")
+        label = np.pad(label, ((0, pad_y), (0, pad_x)), mode="reflect")
+    return image, label
+
+
+def _worker_seed(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    dataset: CropDataset = info.dataset  # type: ignore[assignment]
+    dataset.rng = np.random.default_rng(info.seed % 2**32)
+    dataset.augment.set_random_state(seed=info.seed % 2**32)
+
+
+def _splits(data_dir: Path, config: FinetuneConfig) -> tuple[dict[str, list[LabelledImage]], list[str]]:
+    items, problems = discover(data_dir)
+    test_names: Sequence[str] = ()
+    if config.split_file is not None:
+        test_names = read_split_file(config.split_file, known_names=[i.name for i in items]).get("test", [])
+    splits = split_by_image(items, config.val_fraction, test_names, config.seed)
+    if config.label_fraction < 1:
+        splits["train"] = label_subset(splits["train"], config.label_fraction, config.seed)
+    return splits, problems
+
+
+def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
+                    device: torch.device) -> float:
+    """Mean over images of the foreground-mean Dice of whole-image sliding-window predictions."""
+    model.eval()
+    scores = []
+    for image, label in examples:
+        probabilities = predict_probabilities(model, image, config.patch_px, 0.5, INPUT_RANGES[config.input_range],
+                                              config.batch_size, device)
+        scores.append(semantic_scores(probabilities.argmax(0), label, config.classes)["foreground_mean"]["dice"])
+    return float(np.nanmean(scores)) if scores else math.nan
+
+
+def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConfig, pretrained: Path | None,
+                 overwrite: bool = False, progress_factory: Callable[[], TrainProgress] | None = None) -> Path:
+    """Fine-tune (or, with ``pretrained=None``, train from scratch); returns ``RUN/model``."""
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    if (run_dir / "config.json").exists() and not overwrite:
+        raise RunFolderError(f"{run_dir} holds a run; choose another -o or use --overwrite")
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    if config.model is None and pretrained is not None:
+        base = dataclasses.replace(pretrained_unet_config(pretrained), init=config.init)
+    else:
+        base = unet_config(config.model or "base", init=config.init)
+    model, provenance = segmentation_unet(pretrained, config.classes, base, config.patch_px)
+    model = model.to(device)
+    splits, problems = _splits(data_dir, config)
+    train = [load_example(item, config.classes)[:2] for item in splits["train"]]
+    val = [load_example(item, config.classes)[:2] for item in splits["val"]]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(run_dir / "config.json", {
+        "finetune": config.to_dict(), "data": str(data_dir), "pretrained": provenance, "problems": problems,
+        "split": {k: [i.name for i in v] for k, v in splits.items()}, "gsd_wsi_version": __version__})
+    (run_dir / "metrics.jsonl").write_text("")
+    loader = torch.utils.data.DataLoader(CropDataset(train, config), batch_size=config.batch_size, shuffle=True,
+                                         drop_last=len(train) * config.crops_per_image >= config.batch_size,
+                                         num_workers=config.num_workers, worker_init_fn=_worker_seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+    loss_fn = SegmentationLoss(config.loss, config.ss_variant)
+    model_json = segmentation_model_json(model, config.names, config.patch_px, config.mpp,
+                                         INPUT_RANGES[config.input_range], {"method": "none"},
+                                         {"finetune": config.to_dict(), "pretrained": provenance})
+    logger.info("fine-tuning on %d images (%d validation, %d test held out), %s", len(train), len(val),
+                len(splits["test"]), f"from {provenance['pretrained']}" if pretrained else "from scratch")
+    total = config.epochs * len(loader)
+    progress = progress_factory() if progress_factory else None
+    if progress:
+        progress.start(total, 0)
+    step, best = 0, -math.inf
+    for epoch in range(config.epochs):
+        model.train()
+        started, losses = time.perf_counter(), []
+        for x, y in loader:
+            t = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+            loss = loss_fn(model(x.to(device), t), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+            if progress:
+                progress.update(step, float(np.mean(losses)), len(losses) * config.batch_size / (time.perf_counter() - started))
+        row: dict[str, Any] = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": config.lr,
+                               "img_per_s": round(len(losses) * config.batch_size / (time.perf_counter() - started), 3)}
+        last_epoch = epoch + 1 == config.epochs
+        if val and ((epoch + 1) % config.val_every == 0 or last_epoch):
+            row["val_dice"] = validation_dice(model, val, config, device)
+        with (run_dir / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        score = row.get("val_dice", -math.inf if val else row["epoch"])  # no validation images: keep the last
+        if score > best:
+            best = score
+            ckpt.save_checkpoint(run_dir / "model", model.state_dict(), None,
+                                 model_json | {"epoch": epoch + 1, "step": step, "val_dice": row.get("val_dice")}, None)
+    ckpt.save_checkpoint(run_dir / "last", model.state_dict(), None, model_json | {"epoch": config.epochs, "step": step}, None)
+    plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", "gsd-wsi finetune",
+                [("loss", f"{config.loss} loss", True), ("val_dice", "validation Dice (foreground)", False)])
+    if progress:
+        progress.finish()
+    return run_dir / "model"

@@ -1,0 +1,91 @@
+"""`gsd-wsi finetune`: learns a toy task, records what segment needs, refuses bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gsd_wsi.cli.main import app
+from gsd_wsi.datasets import DatasetError
+from gsd_wsi.errors import ConfigError, RunFolderError
+from gsd_wsi.stages.finetune import FinetuneConfig, run_finetune
+from gsd_wsi.train.transfer import load_segmentation_model
+
+FAST = dict(model="tiny", init="pytorch", epochs=6, batch_size=4, patch_px=32, crops_per_image=4, lr=2e-3,
+            val_fraction=0.25, seed=0)
+
+
+def _toy_dataset(root: Path, n: int = 8, max_label: int = 1) -> Path:
+    """Pink images with dark purple discs; the mask marks the discs (class 1)."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(n):
+        label = np.zeros((64, 64), np.uint8)
+        for _ in range(4):
+            cy, cx, r = rng.integers(8, 56), rng.integers(8, 56), rng.integers(4, 8)
+            label[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
+        image = np.where(label[..., None] > 0, [90, 40, 120], [230, 160, 200]).astype(np.float64)
+        image += rng.normal(0, 6, image.shape)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"im{i}.png")
+        Image.fromarray(label * max_label).save(root / "masks" / f"im{i}.png")
+    return root
+
+
+def test_learns_a_toy_task_and_records_preprocessing(tmp_path: Path) -> None:
+    data = _toy_dataset(tmp_path / "data")
+    model_dir = run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST, mpp=0.25), pretrained=None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
+    assert max(r["val_dice"] for r in rows) > 0.6
+    model, info = load_segmentation_model(tmp_path / "run")
+    assert info["classes"] == ["background", "class_1"] and info["patch_px"] == 32 and info["mpp"] == 0.25
+    assert info["input_range"] == [-1.0, 1.0] and info["stain"] == {"method": "none"}
+    assert info["val_dice"] == max(r["val_dice"] for r in rows)  # the best epoch is the one kept
+    assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "last" / "model.safetensors").is_file()
+    split = json.loads((tmp_path / "run" / "config.json").read_text())["split"]
+    assert len(split["val"]) == 2 and not set(split["val"]) & set(split["train"])
+    assert model_dir == tmp_path / "run" / "model"
+
+
+def test_from_pretrained_and_label_fraction(tmp_path: Path, pretrained_run: Path) -> None:
+    data = _toy_dataset(tmp_path / "data")
+    config = FinetuneConfig(**FAST | {"epochs": 1, "label_fraction": 0.34})
+    run_finetune(data, tmp_path / "run", config, pretrained=pretrained_run)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["pretrained"]["pretrained"].endswith("model") and saved["pretrained"]["loaded_tensors"] > 0
+    assert len(saved["split"]["train"]) == 2  # round(0.34 * 6)
+
+
+def test_bad_input(tmp_path: Path, pretrained_run: Path) -> None:
+    data = _toy_dataset(tmp_path / "data", max_label=3)  # labels 0 and 3 with --classes 2
+    with pytest.raises(DatasetError):
+        run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST), pretrained=None)
+    good = _toy_dataset(tmp_path / "good")
+    with pytest.raises(ConfigError, match="--patch-px 32"):
+        run_finetune(good, tmp_path / "run2", FinetuneConfig(**FAST | {"patch_px": 64}), pretrained=pretrained_run)
+    run_finetune(good, tmp_path / "run3", FinetuneConfig(**FAST | {"epochs": 1}), pretrained=None)
+    with pytest.raises(RunFolderError, match="--overwrite"):
+        run_finetune(good, tmp_path / "run3", FinetuneConfig(**FAST | {"epochs": 1}), pretrained=None)
+    with pytest.raises(ConfigError, match="label-fraction"):
+        FinetuneConfig(label_fraction=0)
+
+
+def test_cli(tmp_path: Path, pretrained_run: Path) -> None:
+    data = _toy_dataset(tmp_path / "data")
+    result = CliRunner().invoke(app, [
+        "finetune", str(data), "-o", str(tmp_path / "run"), "--pretrained", str(pretrained_run), "--classes", "2",
+        "--epochs", "1", "--batch-size", "4", "--patch-px", "32", "--crops-per-image", "2", "--class-names",
+        "background,nucleus"])
+    assert result.exit_code == 0, result.output
+    _, info = load_segmentation_model(tmp_path / "run")
+    assert info["classes"] == ["background", "nucleus"]
+    bad = CliRunner().invoke(app, ["finetune", str(data), "-o", str(tmp_path / "run4"), "--pretrained", "none",
+                                   "--classes", "2", "--model", "tiny", "--patch-px", "32", "--label-fraction", "0"])
+    assert bad.exit_code == 2 and "label-fraction" in bad.output
