@@ -144,6 +144,51 @@ def run(
 
 
 @app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Labelled images: images/ + masks/, MoNuSeg .tif + .xml, or GlaS .bmp.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: model/, metrics, curves.")],
+    pretrained: Annotated[str, typer.Option(help="A `gsd-wsi pretrain` run folder, or none to train from scratch.")],
+    classes: Annotated[int, typer.Option(help="Number of classes, background included.")] = 2,
+    class_names: Annotated[Optional[str], typer.Option(help="Comma-separated class names, background first.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="U-Net size: tiny, small or base [the pretrained run's; base from scratch].")] = None,
+    init: Annotated[str, typer.Option(help="Weight init from scratch: reference or pytorch.")] = "reference",
+    label_fraction: Annotated[float, typer.Option(help="Train on this fraction of the labelled training images.")] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Epochs [150].")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Batch size [8].")] = 8,
+    patch_px: Annotated[int, typer.Option(help="Training crop size; equal to the pretraining patch size.")] = 256,
+    crops_per_image: Annotated[int, typer.Option(help="Random crops of each image per epoch.")] = 8,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of the images held out for model selection.")] = 0.2,
+    loss: Annotated[str, typer.Option(help="ss+focal (the method's) or dice+ce.")] = "ss+focal",
+    ss_variant: Annotated[str, typer.Option(help="Structural-similarity loss: pixel (the fix) or reference.")] = "pixel",
+    input_range: Annotated[str, typer.Option(help="minus_one_one (the fix) or zero_one (the reference's).")] = "minus_one_one",
+    lr: Annotated[float, typer.Option(help="Adam learning rate [1e-4].")] = 1e-4,
+    mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of the images (recorded for segment).")] = None,
+    split_file: Annotated[Optional[Path], typer.Option(help="JSON/YAML split by image; its test images are never trained on.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace the run in OUT.")] = False,
+) -> None:
+    """Fine-tune the pretrained U-Net for segmentation (or train it from scratch: --pretrained none)."""
+    from gsd_wsi.cli.progress import TrainProgressBars
+    from gsd_wsi.stages.finetune import FinetuneConfig, run_finetune
+
+    try:
+        config = FinetuneConfig(
+            classes=classes, class_names=tuple(class_names.split(",")) if class_names else None, model=model,  # type: ignore[arg-type]
+            init=init, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, patch_px=patch_px,  # type: ignore[arg-type]
+            crops_per_image=crops_per_image, val_fraction=val_fraction, loss=loss, ss_variant=ss_variant,  # type: ignore[arg-type]
+            input_range=input_range, lr=lr, mpp=mpp, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
+            device=device,  # type: ignore[arg-type]
+        )
+        source = None if pretrained.lower() == "none" else Path(pretrained)
+        model_dir = run_finetune(data, out, config, source, overwrite=overwrite, progress_factory=TrainProgressBars)
+    except GsdWsiError as exc:
+        raise _fail(exc) from exc
+    console.print(f"segmentation model: {model_dir}   curves: {out / 'curves.png'}", highlight=False)
+
+
+@app.command()
 def synth(
     path: Annotated[Path, typer.Argument(help="Slide to write (.svs or .tiff).")],
     width_px: Annotated[int, typer.Option(help="Level-0 width.")] = 6144,
@@ -227,3 +272,39 @@ def pretrain(
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one report, not one per process
         console.print(f"pretrained model: {paths.model}", highlight=False)
         console.print(f"loss curve: {paths.root / 'loss.png'}   samples: {paths.samples}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="Labelled images: images/ + masks/ (or annotations/), MoNuSeg .tif + .xml, or GlaS .bmp + _anno.bmp.")],
+    model: Annotated[Path, typer.Option("--model", help="Fine-tuned model: the `gsd-wsi finetune -o` run folder or its model/ folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: metrics.json, per_image.csv, overlays/.")],
+    protocol: Annotated[str, typer.Option(help="standard (whole images) or reference (per-patch averaging, for comparison only).")] = "standard",
+    split_file: Annotated[Optional[Path], typer.Option(help="JSON or YAML split file: train, val and test lists of image stems.")] = None,
+    subset: Annotated[str, typer.Option(help="With --split-file: all, train, val or test.")] = "all",
+    overlap: Annotated[float, typer.Option(help="Overlap of the sliding windows (standard protocol).")] = 0.5,
+    mpp: Annotated[Optional[float], typer.Option(help="Image resolution for HD95 in um (default: the model's recorded mpp).")] = None,
+    watershed: Annotated[bool, typer.Option("--watershed/--no-watershed", help="Split touching predicted nuclei by watershed.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+) -> None:
+    """Score a fine-tuned segmentation model on labelled images: Dice, IoU, HD95, AJI, PQ, GlaS scores."""
+    from gsd_wsi.stages.evaluate import EvaluateConfig, run_evaluate
+
+    try:
+        config = EvaluateConfig(protocol=protocol, overlap=overlap, mpp=mpp, watershed=watershed,  # type: ignore[arg-type]
+                                split_file=split_file, subset=subset, batch_size=batch_size)  # type: ignore[arg-type]
+        result = run_evaluate(data, model, out, config)
+    except GsdWsiError as exc:
+        raise _fail(exc) from exc
+    table = Table(title=f"gsd-wsi evaluate: {result['protocol']}, {result['n_images']} image(s)", title_justify="left")
+    for column in ("metric", "mean ± std", "n"):
+        table.add_column(column)
+    for name, stats in result["summary"].items():
+        if name in ("n_true", "n_pred", "n_patches") or stats["mean"] is None:
+            continue
+        table.add_row(name, f"{stats['mean']:.4f} ± {stats['std']:.4f}", str(stats["n"]))
+    console.print(table)
+    if result["problems"]:
+        console.print(f"[yellow]{len(result['problems'])} problem(s)[/], listed in metrics.json", highlight=False)
+    console.print(f"metrics: {out / 'metrics.json'}   per image: {out / 'per_image.csv'}"
+                  + ("" if protocol == "reference" else f"   overlays: {out / 'overlays'}"), highlight=False)

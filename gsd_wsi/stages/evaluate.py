@@ -1,0 +1,282 @@
+"""`gsd-wsi evaluate`: score a fine-tuned segmentation model on labelled images (docs/method.md section 4).
+
+Standard protocol: every whole image is predicted by sliding window with Gaussian blending
+(:func:`gsd_wsi.nn.inference.predict_probabilities`), after the stain normalisation the
+model was trained with (target recorded in the model, source fitted on the image itself).
+Per image: semantic scores per class and their foreground mean (Dice, IoU, precision,
+recall, HD95 in px and um); with instance labels (MoNuSeg XML, GlaS ``_anno``) AJI, PQ and
+object F1 on predicted instances, which are the connected components (optionally split by
+watershed) of ``pred == 1`` for two-class models and of ``pred != 0`` (all foreground)
+otherwise; for GlaS items also the challenge's object F1, object Dice and object Hausdorff.
+
+Reference protocol: the reference code's per-patch averaging (non-overlapping patches,
+remainder dropped, each predicted alone, Dice/IoU averaged over all patches), for
+comparison with published numbers only.
+
+Outputs in ``out_dir``: ``metrics.json``, ``per_image.csv``, ``overlays/<name>.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from skimage.segmentation import find_boundaries
+
+from gsd_wsi import __version__
+from gsd_wsi.atomic import atomic_write_text
+from gsd_wsi.datasets import DatasetError, LabelledImage, discover, load_example, read_split_file
+from gsd_wsi.errors import ConfigError, GsdWsiError
+from gsd_wsi.metrics import (aji, confusion, glas_object_dice, glas_object_f1, glas_object_hausdorff,
+                             label_instances, object_f1, panoptic_quality, semantic_scores)
+from gsd_wsi.nn.inference import predict_probabilities
+from gsd_wsi.qc import save_png
+from gsd_wsi.stain import StainNormalizer, make_normalizer
+from gsd_wsi.train.transfer import load_segmentation_model
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_LABELS = {
+    "standard": "standard (whole images, sliding window with Gaussian blending)",
+    "reference": "reference (per-patch averaging, for comparison with published numbers only)",
+}
+SEMANTIC_KEYS = ("dice", "iou", "precision", "recall", "hd95_px", "hd95_um")
+OVERLAY_MAX_PX = 2048
+PRED_RGB, TRUE_RGB = (255, 255, 0), (0, 255, 0)  # predicted outline yellow, true outline green
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings of `gsd-wsi evaluate`; written into metrics.json."""
+
+    protocol: Literal["standard", "reference"] = "standard"
+    overlap: float = 0.5
+    mpp: float | None = None  # None: the model's recorded mpp (for HD95 in um); neither -> hd95_um None
+    watershed: bool = False  # split touching nuclei in the predicted instances
+    split_file: Path | None = None
+    subset: Literal["all", "train", "val", "test"] = "all"  # with split_file: which images to score
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOL_LABELS:
+            raise ConfigError(f"protocol={self.protocol!r}; expected one of {sorted(PROTOCOL_LABELS)}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap={self.overlap!r}; expected a fraction in [0, 1)")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise ConfigError(f"mpp={self.mpp!r}; expected a positive resolution in um/px")
+        if self.subset not in ("all", "train", "val", "test"):
+            raise ConfigError(f"subset={self.subset!r}; expected all, train, val or test")
+        if self.subset != "all" and self.split_file is None:
+            raise ConfigError(f"subset={self.subset!r} needs a split file (--split-file)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r}; expected >= 1")
+
+
+def _select(items: list[LabelledImage], config: EvaluateConfig) -> list[LabelledImage]:
+    if config.split_file is None:
+        return items
+    splits = read_split_file(config.split_file, [item.name for item in items])
+    if config.subset == "all":
+        wanted = {n for names in splits.values() for n in names}
+    else:
+        wanted = set(splits[config.subset])
+    chosen = [item for item in items if item.name in wanted]
+    if not chosen:
+        raise ConfigError(f"{config.split_file}: no image in subset {config.subset!r}")
+    return chosen
+
+
+def _normaliser(stain: dict[str, Any] | None) -> StainNormalizer | None:
+    """The recorded normaliser with its target and no source (fitted per image), or None."""
+    if not stain or stain.get("method", "none") == "none":
+        return None
+    if "target" not in stain:  # only the method recorded: its built-in target
+        return make_normalizer(stain["method"], **stain.get("settings", {}))
+    return StainNormalizer.from_params({**stain, "source": None})
+
+
+def _instance_scores(pred_inst: np.ndarray, true_inst: np.ndarray, glas: bool) -> dict[str, float]:
+    pq = panoptic_quality(pred_inst, true_inst)
+    f1 = object_f1(pred_inst, true_inst)
+    row = {"aji": aji(pred_inst, true_inst), "pq": pq["pq"], "dq": pq["dq"], "sq": pq["sq"],
+           "object_precision": f1["precision"], "object_recall": f1["recall"], "object_f1": f1["f1"],
+           "n_true": int(true_inst.max()), "n_pred": int(pred_inst.max())}
+    if glas:
+        g = glas_object_f1(pred_inst, true_inst)
+        row |= {"glas_f1": g["f1"], "glas_object_dice": glas_object_dice(pred_inst, true_inst),
+                "glas_object_hausdorff": glas_object_hausdorff(pred_inst, true_inst)}
+    return row
+
+
+def score_image(pred: np.ndarray, truth: np.ndarray, true_inst: np.ndarray | None, classes: list[str],
+                mpp: float | None, watershed: bool = False, glas: bool = False) -> tuple[dict, np.ndarray | None]:
+    """One image's scalar metrics (flat dict) and its predicted instances (None without true ones)."""
+    scores = semantic_scores(pred, truth, len(classes), mpp)
+    row: dict[str, Any] = {key: scores["foreground_mean"][key] for key in SEMANTIC_KEYS}
+    for name, per_class in zip(classes, scores["per_class"]):
+        row |= {f"{key}_{name}": per_class[key] for key in SEMANTIC_KEYS}
+    pred_inst = None
+    if true_inst is not None:
+        foreground = pred == 1 if len(classes) == 2 else pred != 0
+        pred_inst = label_instances(foreground, watershed=watershed)
+        row |= _instance_scores(pred_inst, true_inst, glas)
+    return row, pred_inst
+
+
+def overlay(image: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray) -> np.ndarray:
+    """The image with predicted outlines in yellow and true ones in green, legend top left."""
+    step = max(1, math.ceil(max(image.shape[:2]) / OVERLAY_MAX_PX))
+    out = np.array(image[::step, ::step], dtype=np.uint8)
+    out[find_boundaries(true_labels[::step, ::step], mode="inner")] = TRUE_RGB
+    out[find_boundaries(pred_labels[::step, ::step], mode="inner")] = PRED_RGB
+    if min(out.shape[:2]) >= 32:
+        picture = Image.fromarray(out)
+        draw = ImageDraw.Draw(picture)
+        font = ImageFont.load_default(size=max(10, out.shape[1] // 80))
+        x = 4
+        for text, colour in (("predicted", PRED_RGB), ("true", TRUE_RGB)):
+            right = draw.textbbox((x, 3), text, font=font)[2]
+            if right + 4 > out.shape[1]:
+                break
+            draw.rectangle((x - 4, 0, right + 4, draw.textbbox((x, 3), text, font=font)[3] + 3), fill=(0, 0, 0))
+            draw.text((x, 3), text, fill=colour, font=font)
+            x = right + 12
+        out = np.asarray(picture).copy()
+    return out
+
+
+def _patch_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """Foreground-mean Dice and IoU of one patch; a class absent from both scores 1 (smoothed Dice)."""
+    cm = confusion(pred, truth, n_classes).astype(np.float64)
+    dice, iou = [], []
+    for c in range(1, n_classes):
+        tp, fp, fn = cm[c, c], cm[:, c].sum() - cm[c, c], cm[c, :].sum() - cm[c, c]
+        dice.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+        iou.append(tp / (tp + fp + fn) if tp + fp + fn else 1.0)
+    return float(np.mean(dice)), float(np.mean(iou))
+
+
+def _stats(values: list[Any]) -> dict[str, float | int | None]:
+    """NaN-aware mean and (population) std over images; None/NaN skipped, inf kept (mean inf)."""
+    arr = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+    used = arr[~np.isnan(arr)]
+    if not used.size:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(np.mean(used)), "std": float(np.std(used)), "n": int(used.size)}
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: EvaluateConfig = EvaluateConfig(),
+                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Score the model in ``model_dir`` on the labelled images of ``data_dir``; returns metrics.json's content.
+
+    ``progress(done, total, name)`` is called after each image when given.
+    """
+    data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
+    model, info = load_segmentation_model(model_dir)
+    classes = [str(c) for c in info["classes"]]
+    patch_px, input_range = int(info["patch_px"]), tuple(float(v) for v in info["input_range"])
+    normaliser = _normaliser(info.get("stain"))
+    mpp = config.mpp if config.mpp is not None else info.get("mpp")
+    items, problems = discover(data_dir)
+    items = _select(items, config)
+    label = PROTOCOL_LABELS[config.protocol]
+    log.info("evaluating %s on %d image(s) of %s, protocol %s", model_dir, len(items), data_dir, label)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.protocol == "standard":
+        (out_dir / "overlays").mkdir(exist_ok=True)
+
+    def predict(image: np.ndarray, overlap: float) -> np.ndarray:
+        probs = predict_probabilities(model, image, patch_px, overlap, input_range, config.batch_size)
+        return np.argmax(probs, axis=0)
+
+    rows: list[dict[str, Any]] = []
+    patch_dice: list[float] = []
+    patch_iou: list[float] = []
+    for index, item in enumerate(items):
+        try:
+            image, truth, true_inst = load_example(item, len(classes))
+            if normaliser is not None:
+                # the float map is cheaper than the 2**24 lookup table for images under 16 Mpx
+                image = normaliser.fit_source(image).transform(image, use_lut=image.size // 3 > 1 << 24)
+        except GsdWsiError as exc:
+            problems.append(f"{item.name}: {exc}")
+            log.warning("skipped %s: %s", item.name, exc)
+            continue
+        if config.protocol == "reference":
+            n_y, n_x = image.shape[0] // patch_px, image.shape[1] // patch_px
+            for y in range(0, n_y * patch_px, patch_px):
+                for x in range(0, n_x * patch_px, patch_px):
+                    window = np.s_[y:y + patch_px, x:x + patch_px]
+                    dice, iou = _patch_scores(predict(image[window], 0.0), truth[window], len(classes))
+                    patch_dice.append(dice)
+                    patch_iou.append(iou)
+            rows.append({"name": item.name, "n_patches": n_y * n_x})
+            log.info("%s: %d patch(es) of %d px", item.name, n_y * n_x, patch_px)
+        else:
+            pred = predict(image, config.overlap)
+            row, pred_inst = score_image(pred, truth, true_inst, classes, mpp, config.watershed,
+                                         glas=item.instance_path is not None)
+            rows.append({"name": item.name} | row)
+            shown_true = true_inst if true_inst is not None else truth
+            shown_pred = pred_inst if pred_inst is not None else pred
+            save_png(out_dir / "overlays" / f"{item.name}.png", overlay(image, shown_pred, shown_true),
+                     {"Software": f"gsd-wsi {__version__}", "Legend": "yellow: predicted, green: true"})
+            extra = f", AJI {row['aji']:.3f}, PQ {row['pq']:.3f}" if "aji" in row else ""
+            log.info("%s: Dice %.3f, IoU %.3f%s", item.name, row["dice"], row["iou"], extra)
+        if progress is not None:
+            progress(index + 1, len(items), item.name)
+
+    if config.protocol == "reference":
+        summary = {"dice": _stats(patch_dice), "iou": _stats(patch_iou)}
+        per_class: dict[str, Any] = {}
+    else:
+        scalar = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "name"]
+        per_keys = {f"{key}_{name}" for key in SEMANTIC_KEYS for name in classes}
+        summary = {k: _stats([r.get(k) for r in rows]) for k in scalar if k not in per_keys}
+        per_class = {name: {key: _stats([r.get(f"{key}_{name}") for r in rows]) for key in SEMANTIC_KEYS}
+                     for name in classes}
+    result = {
+        "protocol": label, "model": str(model_dir), "data": str(data_dir), "n_images": len(rows),
+        "classes": classes, "summary": summary, "per_class": per_class, "problems": problems,
+        "gsd_wsi_version": __version__,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+        | {"mpp_used": mpp, "patch_px": patch_px, "stain": (info.get("stain") or {}).get("method", "none")},
+    }
+    result = _json_safe(result)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    _write_csv(out_dir / "per_image.csv", rows)
+    if not rows:
+        raise DatasetError(f"{data_dir}: no image could be scored; problems (also in {out_dir / 'metrics.json'}): "
+                           + "; ".join(problems[:3]))
+    log.info("%s: %d image(s) scored, %d problem(s); wrote %s", label, len(rows), len(problems), out_dir)
+    return result
