@@ -89,3 +89,12 @@ def test_cli(tmp_path: Path, pretrained_run: Path) -> None:
     bad = CliRunner().invoke(app, ["finetune", str(data), "-o", str(tmp_path / "run4"), "--pretrained", "none",
                                    "--classes", "2", "--model", "tiny", "--patch-px", "32", "--label-fraction", "0"])
     assert bad.exit_code == 2 and "label-fraction" in bad.output
+
+
+def test_model_is_kept_when_validation_dice_is_undefined(tmp_path: Path) -> None:
+    """Validation images without foreground give no Dice; the latest model is still written."""
+    data = _toy_dataset(tmp_path / "data")
+    for mask in sorted((data / "masks").glob("*.png")):
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask)
+    run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST | {"epochs": 2}), pretrained=None)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

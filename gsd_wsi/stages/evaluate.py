@@ -144,10 +144,10 @@ def overlay(image: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray)
         font = ImageFont.load_default(size=max(10, out.shape[1] // 80))
         x = 4
         for text, colour in (("predicted", PRED_RGB), ("true", TRUE_RGB)):
-            right = draw.textbbox((x, 3), text, font=font)[2]
+            _, _, right, bottom = draw.textbbox((x, 3), text, font=font)
             if right + 4 > out.shape[1]:
                 break
-            draw.rectangle((x - 4, 0, right + 4, draw.textbbox((x, 3), text, font=font)[3] + 3), fill=(0, 0, 0))
+            draw.rectangle((x - 4, 0, right + 4, bottom + 3), fill=(0, 0, 0))
             draw.text((x, 3), text, fill=colour, font=font)
             x = right + 12
         out = np.asarray(picture).copy()

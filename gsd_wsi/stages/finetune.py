@@ -159,7 +159,8 @@ def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.
         probabilities = predict_probabilities(model, image, config.patch_px, 0.5, INPUT_RANGES[config.input_range],
                                               config.batch_size, device)
         scores.append(semantic_scores(probabilities.argmax(0), label, config.classes)["foreground_mean"]["dice"])
-    return float(np.nanmean(scores)) if scores else math.nan
+    defined = [score for score in scores if not math.isnan(score)]  # NaN: no foreground in image or prediction
+    return float(np.mean(defined)) if defined else math.nan
 
 
 def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConfig, pretrained: Path | None,
@@ -219,8 +220,10 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
             row["val_dice"] = validation_dice(model, val, config, device)
         with (run_dir / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        score = row.get("val_dice", -math.inf if val else row["epoch"])  # no validation images: keep the last
-        if score > best:
+        # The best validation Dice is kept; without validation images (or before any Dice is
+        # finite) the latest epoch is, so RUN/model always exists after the first epoch.
+        score = row.get("val_dice", math.nan) if val else math.inf
+        if not (run_dir / "model").exists() or score >= best or (math.isnan(best) and not math.isnan(score)):
             best = score
             ckpt.save_checkpoint(run_dir / "model", model.state_dict(), None,
                                  model_json | {"epoch": epoch + 1, "step": step, "val_dice": row.get("val_dice")}, None)

@@ -30,7 +30,7 @@ import torch
 from gsd_wsi import __version__
 from gsd_wsi.errors import RunFolderError
 from gsd_wsi.nn.schedule import NoiseSchedule, ScheduleConfig
-from gsd_wsi.nn.unet import UNet, unet_config
+from gsd_wsi.nn.unet import UNet, UNetConfig, unet_config
 from gsd_wsi.stages.pretrain_config import PretrainConfig
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.data import PatchIndex, find_stores, index_patches
@@ -69,20 +69,21 @@ def _check_run_folder(run_dir: Path, config: PretrainConfig, resume: bool, overw
     """Decide what to do with an existing run folder; returns the checkpoint to resume from."""
     saved_path = run_dir / CONFIG_NAME
     if not saved_path.exists():
-        if any(run_dir.iterdir()) if run_dir.is_dir() else False:
-            logger.info("%s is not empty; the run's files go beside what is there", run_dir)
         return None
     if overwrite:
         for name in _RUN_CONTENT:
             target = run_dir / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
         return None
     try:
         saved = PretrainConfig.from_dict(json.loads(saved_path.read_text())["pretrain"], where=str(saved_path))
     except (KeyError, json.JSONDecodeError) as exc:
         raise RunFolderError(f"{saved_path} is unreadable ({exc}); use --overwrite to start afresh") from exc
-    differences = {k: (saved.learning_settings()[k], v) for k, v in config.learning_settings().items()
-                   if saved.learning_settings().get(k) != v}
+    before = saved.learning_settings()
+    differences = {k: (before.get(k), v) for k, v in config.learning_settings().items() if before.get(k) != v}
     if not resume:
         what = "a run with different settings" if differences else "a run"
         raise RunFolderError(f"{run_dir} holds {what}; continue it with --resume or replace it with --overwrite")
@@ -145,7 +146,7 @@ def train_process(job: PretrainJob) -> None:
             job = dataclasses.replace(job, resume_from=broadcast_object(resume_from, ctx), prepare=None)
         torch.manual_seed(job.config.seed)  # identical initial weights on every rank
         info = model_json(job.config)
-        model = UNet(unet_config(job.config.model, use_top_skip=job.config.use_top_skip, init=job.config.init))
+        model = UNet(UNetConfig.from_dict(info["model"]))
         schedule = NoiseSchedule(ScheduleConfig.from_dict(info["schedule"]))
         paths = RunPaths(job.run_dir)
         loop = PretrainLoop(ctx, job.config, model, schedule, job.index, paths, info)
