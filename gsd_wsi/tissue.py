@@ -36,6 +36,8 @@ DARK_OD_SEED = 0.9  # OD sum a colourless seed must exceed (a grey (160,160,160)
 NEAR_BLACK_OD = 1.8  # every channel this dense (I < ~16% of glass): never tissue
 ARTEFACT_MIN_UM2 = 2000.0  # artefact seeds smaller than this are ignored (grey nuclei pixels)
 ARTEFACT_MARGIN_UM = 12.0  # removed around artefacts (blurred ink edges)
+GLASS_MARGIN = 15  # grey levels above a glass candidate that count as clearly brighter
+GLASS_BRIGHTER_MAX = 0.02  # fraction of pixels allowed clearly brighter than the glass
 _EIGHT = np.ones((3, 3), dtype=bool)
 _FOUR = ndi.generate_binary_structure(2, 1)
 
@@ -124,8 +126,19 @@ def _glass_colour(rgb: np.ndarray) -> np.ndarray | None:
     if len(cand) < max(50, 0.005 * len(sample)):
         return None
     lum = cand.sum(axis=1) // 3
-    hist = np.convolve(np.bincount(lum, minlength=256), np.ones(5), mode="same")
-    return np.median(cand[np.abs(lum - int(np.argmax(hist))) <= 3], axis=0).astype(np.float64)
+    sample_lum = sample.sum(axis=1) // 3
+    # The glass is the brightest large mode. Where tissue fills the view (ROI crops, TMA
+    # cores) the most frequent near-neutral level can be pale tissue, with the real glass
+    # showing only in gaps; glass has almost nothing brighter than itself, so while more
+    # than GLASS_BRIGHTER_MAX of the pixels are clearly brighter, look above the mode.
+    floor = 0
+    while True:
+        hist = np.convolve(np.bincount(lum[lum >= floor], minlength=256), np.ones(5), mode="same")
+        mode = int(np.argmax(hist))
+        above = lum > mode + GLASS_MARGIN
+        if np.mean(sample_lum > mode + GLASS_MARGIN) <= GLASS_BRIGHTER_MAX or above.sum() < 50:
+            return np.median(cand[np.abs(lum - mode) <= 3], axis=0).astype(np.float64)
+        floor = mode + GLASS_MARGIN + 1
 
 
 def _detect(rgb: np.ndarray, mpp: float, config: TissueConfig) -> np.ndarray:
