@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from gsd_wsi.cli.main import app
 from gsd_wsi.datasets import DatasetError
-from gsd_wsi.errors import ConfigError, RunFolderError
+from gsd_wsi.errors import ConfigError, RunFolderError, StainError
 from gsd_wsi.stages.finetune import FinetuneConfig, run_finetune
 from gsd_wsi.train.transfer import load_segmentation_model
 
@@ -20,7 +20,7 @@ FAST = dict(model="tiny", init="pytorch", epochs=6, batch_size=4, patch_px=32, c
             val_fraction=0.25, seed=0)
 
 
-def _toy_dataset(root: Path, n: int = 8, max_label: int = 1) -> Path:
+def _toy_dataset(root: Path, n: int = 8, max_label: int = 1, background: tuple[int, int, int] = (230, 160, 200)) -> Path:
     """Pink images with dark purple discs; the mask marks the discs (class 1)."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
@@ -31,7 +31,7 @@ def _toy_dataset(root: Path, n: int = 8, max_label: int = 1) -> Path:
         for _ in range(4):
             cy, cx, r = rng.integers(8, 56), rng.integers(8, 56), rng.integers(4, 8)
             label[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
-        image = np.where(label[..., None] > 0, [90, 40, 120], [230, 160, 200]).astype(np.float64)
+        image = np.where(label[..., None] > 0, [90, 40, 120], background).astype(np.float64)
         image += rng.normal(0, 6, image.shape)
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"im{i}.png")
         Image.fromarray(label * max_label).save(root / "masks" / f"im{i}.png")
@@ -98,3 +98,35 @@ def test_model_is_kept_when_validation_dice_is_undefined(tmp_path: Path) -> None
         Image.fromarray(np.zeros((64, 64), np.uint8)).save(mask)
     run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST | {"epochs": 2}), pretrained=None)
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["reinhard", "macenko"])
+def test_stain_normalisation_is_applied_and_recorded_for_segment(tmp_path: Path, method: str) -> None:
+    """Training images go through the normaliser; the model records its target, not a source."""
+    from gsd_wsi.stages.evaluate import _normaliser
+    from gsd_wsi.stages.finetune import stain_normaliser
+
+    data = _toy_dataset(tmp_path / "data", background=(170, 100, 150))  # stained everywhere, as tissue is
+    config = FinetuneConfig(**FAST | {"epochs": 1, "stain": method})
+    run_finetune(data, tmp_path / "run", config, pretrained=None)
+    _, info = load_segmentation_model(tmp_path / "run")
+    assert info["stain"]["method"] == method and info["stain"]["source"] is None
+    assert info["stain"]["target"] == stain_normaliser(config).params["target"]
+    image = np.asarray(Image.open(data / "images" / "im0.png"))
+    restored = _normaliser(info["stain"])  # what evaluate (and segment) rebuild from the record
+    expected = stain_normaliser(config).fit_source(image).transform(image, use_lut=False)
+    assert np.array_equal(restored.fit_source(image).transform(image, use_lut=False), expected)
+    assert not np.array_equal(expected, image)
+
+
+def test_stain_fit_failure_names_the_image(tmp_path: Path) -> None:
+    data = _toy_dataset(tmp_path / "data")  # mostly pale background: too few tissue pixels to fit
+    with pytest.raises(StainError, match="im[0-9].png.*too few tissue pixels"):
+        run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST | {"stain": "reinhard"}), pretrained=None)
+
+
+def test_stain_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="--stain must be one of"):
+        FinetuneConfig(stain="hematoxylin")
+    with pytest.raises(ConfigError, match="no effect with --stain none"):
+        FinetuneConfig(stain_target=Path("target.png"))

@@ -157,12 +157,15 @@ def finetune(
     batch_size: Annotated[int, typer.Option(help="Batch size [8].")] = 8,
     patch_px: Annotated[int, typer.Option(help="Training crop size; equal to the pretraining patch size.")] = 256,
     crops_per_image: Annotated[int, typer.Option(help="Random crops of each image per epoch.")] = 8,
+    val_every: Annotated[int, typer.Option(help="Epochs between validations (the last epoch is always validated).")] = 1,
     val_fraction: Annotated[float, typer.Option(help="Fraction of the images held out for model selection.")] = 0.2,
     loss: Annotated[str, typer.Option(help="ss+focal (the method's) or dice+ce.")] = "ss+focal",
     ss_variant: Annotated[str, typer.Option(help="Structural-similarity loss: pixel (the fix) or reference.")] = "pixel",
     input_range: Annotated[str, typer.Option(help="minus_one_one (the fix) or zero_one (the reference's).")] = "minus_one_one",
     lr: Annotated[float, typer.Option(help="Adam learning rate [1e-4].")] = 1e-4,
     mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of the images (recorded for segment).")] = None,
+    stain: Annotated[str, typer.Option(help="Stain normalisation of every image: macenko, reinhard, vahadane or none (use the one the pretraining patches had).")] = "none",
+    stain_target: Annotated[Optional[Path], typer.Option(help="Image whose stains are the target (default: built-in reference).")] = None,
     split_file: Annotated[Optional[Path], typer.Option(help="JSON/YAML split by image; its test images are never trained on.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
@@ -177,8 +180,8 @@ def finetune(
         config = FinetuneConfig(
             classes=classes, class_names=tuple(class_names.split(",")) if class_names else None, model=model,  # type: ignore[arg-type]
             init=init, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, patch_px=patch_px,  # type: ignore[arg-type]
-            crops_per_image=crops_per_image, val_fraction=val_fraction, loss=loss, ss_variant=ss_variant,  # type: ignore[arg-type]
-            input_range=input_range, lr=lr, mpp=mpp, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
+            crops_per_image=crops_per_image, val_every=val_every, val_fraction=val_fraction, loss=loss, ss_variant=ss_variant,  # type: ignore[arg-type]
+            input_range=input_range, lr=lr, mpp=mpp, stain=stain, stain_target=stain_target, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
             device=device,  # type: ignore[arg-type]
         )
         source = None if pretrained.lower() == "none" else Path(pretrained)

@@ -30,11 +30,14 @@ import torch
 
 from gsd_wsi import __version__
 from gsd_wsi.datasets import LabelledImage, discover, label_subset, load_example, read_split_file, split_by_image
-from gsd_wsi.errors import ConfigError, RunFolderError
+from gsd_wsi.errors import ConfigError, RunFolderError, StainError
 from gsd_wsi.metrics import semantic_scores
 from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.nn.losses import SegmentationLoss
 from gsd_wsi.nn.unet import unet_config
+from gsd_wsi.slide.image_backend import read_plain_image
+from gsd_wsi.stain import METHODS as STAIN_METHODS
+from gsd_wsi.stain import StainNormalizer, make_normalizer
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.augment import training_augmentation
 from gsd_wsi.train.ddp import resolve_device
@@ -66,6 +69,8 @@ class FinetuneConfig:
     adam_beta2: float = 0.999
     input_range: Literal["minus_one_one", "zero_one"] = "minus_one_one"   # zero_one is the reference's
     mpp: float | None = None                        # resolution of the training images, for `segment`
+    stain: str = "none"                             # normalise every image (fitted per image) to a target
+    stain_target: Path | None = None                # image to take the target stains from; None: built-in
     split_file: Path | None = None                  # its test images are never trained on
     seed: int = 0
     num_workers: int = 0
@@ -86,6 +91,12 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.patch_px % 16:
             raise ConfigError(f"--patch-px must be a multiple of 16; got {self.patch_px}")
+        if self.stain not in STAIN_METHODS:
+            raise ConfigError(f"--stain must be one of {', '.join(STAIN_METHODS)}; got {self.stain!r}")
+        if self.stain_target is not None and self.stain == "none":
+            raise ConfigError("--stain-target has no effect with --stain none; drop one of them")
+        if self.stain_target is not None and not Path(self.stain_target).is_file():
+            raise ConfigError(f"--stain-target {self.stain_target}: no such image file")
         if self.input_range not in INPUT_RANGES:
             raise ConfigError(f"--input-range must be one of {', '.join(INPUT_RANGES)}; got {self.input_range!r}")
 
@@ -95,7 +106,8 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["split_file"] = None if self.split_file is None else str(self.split_file)
+        for key in ("split_file", "stain_target"):
+            data[key] = None if data[key] is None else str(data[key])
         return data
 
 
@@ -150,6 +162,29 @@ def _splits(data_dir: Path, config: FinetuneConfig) -> tuple[dict[str, list[Labe
     return splits, problems
 
 
+def stain_normaliser(config: FinetuneConfig) -> StainNormalizer | None:
+    """The normaliser every training and validation image goes through (its source fitted per image)."""
+    if config.stain == "none":
+        return None
+    target_rgb = read_plain_image(config.stain_target)[0] if config.stain_target is not None else None
+    return make_normalizer(config.stain, target_rgb)
+
+
+def _load(items: list[LabelledImage], config: FinetuneConfig,
+          normaliser: StainNormalizer | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    examples = []
+    for item in items:
+        image, label = load_example(item, config.classes)[:2]
+        if normaliser is not None:
+            # per image, as `evaluate` and `segment` do; the float map beats the 2**24 table on small images
+            try:
+                image = normaliser.fit_source(image).transform(image, use_lut=False)
+            except StainError as exc:
+                raise StainError(f"{item.image_path}: {exc}") from exc
+        examples.append((image, label))
+    return examples
+
+
 def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
                     device: torch.device) -> float:
     """Mean over images of the foreground-mean Dice of whole-image sliding-window predictions."""
@@ -178,8 +213,10 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     model, provenance = segmentation_unet(pretrained, config.classes, base, config.patch_px)
     model = model.to(device)
     splits, problems = _splits(data_dir, config)
-    train = [load_example(item, config.classes)[:2] for item in splits["train"]]
-    val = [load_example(item, config.classes)[:2] for item in splits["val"]]
+    normaliser = stain_normaliser(config)
+    train, val = _load(splits["train"], config, normaliser), _load(splits["val"], config, normaliser)
+    # what `evaluate` and `segment` reproduce: the method, its settings and target, no source
+    stain_record = {"method": "none"} if normaliser is None else {**normaliser.params, "source": None}
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(run_dir / "config.json", {
         "finetune": config.to_dict(), "data": str(data_dir), "pretrained": provenance, "problems": problems,
@@ -191,7 +228,7 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
     loss_fn = SegmentationLoss(config.loss, config.ss_variant)
     model_json = segmentation_model_json(model, config.names, config.patch_px, config.mpp,
-                                         INPUT_RANGES[config.input_range], {"method": "none"},
+                                         INPUT_RANGES[config.input_range], stain_record,
                                          {"finetune": config.to_dict(), "pretrained": provenance})
     logger.info("fine-tuning on %d images (%d validation, %d test held out), %s", len(train), len(val),
                 len(splits["test"]), f"from {provenance['pretrained']}" if pretrained else "from scratch")

@@ -1,0 +1,258 @@
+"""The MoNuSeg experiment: does diffusion pretraining help segmentation when labels are few?
+
+    python pipelines/monuseg_experiment.py --out monuseg-exp
+
+Every step is a `gsd-wsi` command, run as a user would, on the fixed split of
+pipelines/monuseg_split.json (24 training images, 6 test images, by whole image):
+
+1. `gsd-wsi tile`: the 24 training images (plain TIFFs without a resolution, so a manifest gives
+   MoNuSeg's 0.2527 um/px) cut into ``--patch-px`` patches at half-patch stride, no stain
+   normalisation (fine-tuning and evaluation see the images as they are). Test images are
+   never tiled.
+2. `gsd-wsi pretrain`: the U-Net as a denoising diffusion model on those unlabelled patches.
+3. `gsd-wsi finetune`, for each label fraction, seed and start (pretrained or from scratch).
+   Both starts use the same images for a given seed and fraction (validation split and label
+   subset depend on the seed only), the same steps and the same settings. An epoch is
+   ``--crops`` crops per image at 100 % labels; at fraction f each image gives ``crops / f``
+   crops, so every run sees about the same number of crops and optimiser steps.
+4. `gsd-wsi evaluate` on the 6 test images (standard protocol: whole images, sliding window).
+5. ``OUT/results.md``, ``OUT/results.json`` and ``OUT/results.png``: Dice, AJI and HD95 as
+   mean and sample standard deviation over seeds (each seed's value is its mean over the test
+   images), with the pretrained-minus-scratch difference paired by seed.
+
+Interrupted? Run the same command again: finished steps are kept (the tiler skips finished
+images, pretraining resumes from its last checkpoint, finished fine-tuning runs and
+evaluations are reused, an unfinished fine-tuning run is redone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("monuseg_experiment")
+
+REPO = Path(__file__).resolve().parent.parent
+MONUSEG_MPP = 0.2527  # 40x Aperio scans, as the MoNuSeg organisers state
+METRICS = (("dice", "Dice", True), ("aji", "AJI", True), ("pq", "PQ", True), ("hd95_um", "HD95 (um)", False))
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    start: str          # "pretrained" or "scratch"
+    fraction: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.start}_f{round(self.fraction * 100):03d}_s{self.seed}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="Experiment folder (everything is written here).")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared/data/monuseg-train", help="MoNuSeg training set.")
+    p.add_argument("--split-file", type=Path, default=REPO / "pipelines/monuseg_split.json")
+    p.add_argument("--model", default="tiny", help="U-Net size: tiny, small or base.")
+    p.add_argument("--patch-px", type=int, default=128)
+    p.add_argument("--init", default="pytorch", help="Weight init of everything trained from scratch.")
+    p.add_argument("--pretrain-steps", type=int, default=3000)
+    p.add_argument("--pretrain-batch", type=int, default=8)
+    p.add_argument("--pretrain-lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=25, help="Fine-tuning epochs.")
+    p.add_argument("--val-every", type=int, default=5, help="Fine-tuning epochs between validations.")
+    p.add_argument("--crops", type=int, default=8, help="Crops per image per epoch at 100 %% labels.")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="Fine-tuning runs at once; the cores are shared among them.")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    return p.parse_args(argv)
+
+
+def gsd_wsi(args: list[str], log_path: Path, threads: int | None = None) -> float:
+    """Run one `gsd-wsi` command with its output in ``log_path``; returns its wall time in seconds."""
+    env = dict(os.environ)
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    command = [sys.executable, "-m", "gsd_wsi", *args]
+    log.info("$ gsd-wsi %s", " ".join(args))
+    started = time.perf_counter()
+    with log_path.open("w") as fh:
+        fh.write("$ gsd-wsi " + " ".join(args) + "\n")
+        fh.flush()
+        code = subprocess.call(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        raise SystemExit(f"`gsd-wsi {args[0]}` failed (exit {code}); its output is in {log_path}")
+    return time.perf_counter() - started
+
+
+def tile_training_images(args: argparse.Namespace, out: Path) -> Path:
+    split = json.loads(args.split_file.read_text())
+    images = {p.stem: p for p in (args.data / "images").iterdir()}
+    missing = [name for name in split["train"] if name not in images]
+    if missing:
+        raise SystemExit(f"{args.data / 'images'} lacks {len(missing)} training image(s) of the split, e.g. {missing[0]}")
+    manifest = out / "train_images.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "slide_id", "mpp"])
+        for name in split["train"]:
+            writer.writerow([images[name].resolve(), name, MONUSEG_MPP])
+    tiles = out / "tiles"
+    gsd_wsi(["tile", str(manifest), "-o", str(tiles), "--mpp", str(MONUSEG_MPP), "--tile-px", str(args.patch_px),
+             "--stride-px", str(args.patch_px // 2), "--stain", "none"], out / "logs" / "tile.log")
+    return tiles
+
+
+def pretrain(args: argparse.Namespace, out: Path, tiles: Path) -> Path:
+    run = out / "pretrain"
+    if (run / "model").exists():
+        log.info("pretraining already finished: %s", run)
+        return run
+    command = ["pretrain", str(tiles), "-o", str(run), "--model", args.model, "--image-size", str(args.patch_px),
+               "--batch-size", str(args.pretrain_batch), "--steps", str(args.pretrain_steps),
+               "--lr", str(args.pretrain_lr), "--init", args.init, "--checkpoint-every", "250",
+               "--sample-every", str(args.pretrain_steps), "--val-every", "250", "--device", args.device]
+    if (run / "config.json").exists():
+        command.append("--resume")
+    gsd_wsi(command, out / "logs" / "pretrain.log")
+    return run
+
+
+def finetune_and_evaluate(args: argparse.Namespace, out: Path, pretrained: Path, run: FinetuneRun,
+                          threads: int) -> Path:
+    run_dir, eval_dir = out / "finetune" / run.name, out / "eval" / run.name
+    if not (run_dir / "last").exists():
+        gsd_wsi(["finetune", str(args.data), "-o", str(run_dir), "--overwrite",
+                 "--pretrained", str(pretrained) if run.start == "pretrained" else "none",
+                 "--model", args.model, "--init", args.init, "--patch-px", str(args.patch_px),
+                 "--label-fraction", str(run.fraction), "--crops-per-image", str(round(args.crops / run.fraction)),
+                 "--epochs", str(args.epochs), "--val-every", str(args.val_every), "--batch-size", str(args.batch_size),
+                 "--split-file", str(args.split_file), "--mpp", str(MONUSEG_MPP), "--seed", str(run.seed),
+                 "--device", args.device], out / "logs" / f"finetune_{run.name}.log", threads)
+    if not (eval_dir / "metrics.json").exists():
+        gsd_wsi(["evaluate", str(args.data), "--model", str(run_dir), "-o", str(eval_dir),
+                 "--split-file", str(args.split_file), "--subset", "test"], out / "logs" / f"evaluate_{run.name}.log",
+                threads)
+    return eval_dir
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    return mean, std
+
+
+def summarise(args: argparse.Namespace, out: Path, runs: list[FinetuneRun], timings: dict[str, float]) -> dict[str, Any]:
+    """Per (start, fraction): each metric's mean and sample std over seeds, and the paired difference."""
+    per_run: dict[str, dict[str, float]] = {}
+    for run in runs:
+        summary = json.loads((out / "eval" / run.name / "metrics.json").read_text())["summary"]
+        per_run[run.name] = {key: (summary.get(key) or {}).get("mean") for key, _, _ in METRICS}
+    table: dict[str, Any] = {}
+    for fraction in args.fractions:
+        for start in ("pretrained", "scratch"):
+            values = {key: [per_run[FinetuneRun(start, fraction, s).name][key] for s in args.seeds] for key, _, _ in METRICS}
+            table[f"{start}@{fraction:g}"] = {key: dict(zip(("mean", "std"), _mean_std(v))) | {"per_seed": v}
+                                              for key, v in values.items()}
+        diffs = {}
+        for key, _, _ in METRICS:
+            pre = table[f"pretrained@{fraction:g}"][key]["per_seed"]
+            scr = table[f"scratch@{fraction:g}"][key]["per_seed"]
+            d = [a - b for a, b in zip(pre, scr) if a is not None and b is not None]
+            diffs[key] = dict(zip(("mean", "std"), _mean_std(d))) | {"per_seed": d}
+        table[f"difference@{fraction:g}"] = diffs
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    from gsd_wsi import __version__
+    return {"settings": settings, "gsd_wsi_version": __version__, "table": table, "per_run": per_run,
+            "wall_s": timings}
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    s = result["settings"]
+    lines = [f"MoNuSeg, 6 test images, {s['model']} U-Net, {s['patch_px']}-px patches; mean ± sample std over "
+             f"seeds {', '.join(map(str, s['seeds']))} (gsd-wsi {result['gsd_wsi_version']}).", "",
+             "| labels | start | " + " | ".join(label for _, label, _ in METRICS) + " |",
+             "|---|---|" + "---:|" * len(METRICS)]
+    for fraction in s["fractions"]:
+        for start in ("pretrained", "scratch", "difference"):
+            row = result["table"][f"{start}@{fraction:g}"]
+            name = "pretrained − scratch (paired)" if start == "difference" else start
+            cells = [f"{row[k]['mean']:+.3f} ± {row[k]['std']:.3f}" if start == "difference"
+                     else f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k, _, _ in METRICS]
+            lines.append(f"| {fraction:.0%} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Higher is better for Dice, AJI and PQ; lower for HD95.", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["settings"]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2))
+    for ax, (key, label, higher) in zip(axes, METRICS):
+        for i, (start, colour) in enumerate((("pretrained", "tab:blue"), ("scratch", "tab:grey"))):
+            xs = [j + (i - 0.5) * 0.35 for j in range(len(s["fractions"]))]
+            rows = [result["table"][f"{start}@{f:g}"][key] for f in s["fractions"]]
+            ax.bar(xs, [r["mean"] for r in rows], 0.35, yerr=[r["std"] for r in rows], color=colour, capsize=3,
+                   label=start)
+            for x, r in zip(xs, rows):
+                ax.scatter([x] * len(r["per_seed"]), r["per_seed"], s=8, color="black", zorder=3)
+        ax.set_xticks(range(len(s["fractions"])), [f"{f:.0%} labels" for f in s["fractions"]])
+        ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"MoNuSeg test images: diffusion-pretrained vs from scratch ({s['model']} U-Net, "
+                 f"{len(s['seeds'])} seeds, gsd-wsi {result['gsd_wsi_version']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    if not args.data.is_dir():
+        raise SystemExit(f"{args.data} not found; give the MoNuSeg training set with --data")
+    out = args.out
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    tiles = tile_training_images(args, out)
+    timings["tile"] = time.perf_counter() - started
+    started = time.perf_counter()
+    pretrained = pretrain(args, out, tiles)
+    timings["pretrain"] = time.perf_counter() - started
+    runs = [FinetuneRun(start, fraction, seed) for fraction in args.fractions for seed in args.seeds
+            for start in ("pretrained", "scratch")]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda r: finetune_and_evaluate(args, out, pretrained, r, threads), runs))
+    timings["finetune_and_evaluate"] = time.perf_counter() - started
+    result = summarise(args, out, runs, timings)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out / "results.md")
+    plot(result, out / "results.png")
+    log.info("results: %s, %s, %s", out / "results.md", out / "results.json", out / "results.png")
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
