@@ -151,6 +151,7 @@ def test_cli_end_to_end(dataset: Path, model_run: Path, dark_is_nucleus: None, t
     assert result.exit_code == 0, result.output
     assert (out / "metrics.json").is_file() and (out / "per_image.csv").is_file()
     assert (out / "overlays" / "a.png").is_file()
+    assert "images" in result.output and "2/2" in result.output  # the progress bar reached its end
 
 
 def test_cli_refuses_a_model_that_is_not_for_segmentation(dataset: Path, tmp_path: Path) -> None:

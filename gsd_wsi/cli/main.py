@@ -291,12 +291,14 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
 ) -> None:
     """Score a fine-tuned segmentation model on labelled images: Dice, IoU, HD95, AJI, PQ, GlaS scores."""
+    from gsd_wsi.cli.progress import ImageProgressBar
     from gsd_wsi.stages.evaluate import EvaluateConfig, run_evaluate
 
     try:
         config = EvaluateConfig(protocol=protocol, overlap=overlap, mpp=mpp, watershed=watershed,  # type: ignore[arg-type]
                                 split_file=split_file, subset=subset, batch_size=batch_size)  # type: ignore[arg-type]
-        result = run_evaluate(data, model, out, config)
+        with ImageProgressBar(console) as bar:
+            result = run_evaluate(data, model, out, config, progress=bar)
     except GsdWsiError as exc:
         raise _fail(exc) from exc
     table = Table(title=f"gsd-wsi evaluate: {result['protocol']}, {result['n_images']} image(s)", title_justify="left")

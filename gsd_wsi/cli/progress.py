@@ -79,3 +79,25 @@ class TrainProgressBars:
 
     def finish(self) -> None:
         self._bars.stop()
+
+
+class ImageProgressBar:
+    """One bar for images scored, with images per second; called as ``bar(done, total, name)``."""
+
+    def __init__(self, console: Console) -> None:
+        self._bars = RichProgress(
+            TextColumn("images"), BarColumn(), MofNCompleteColumn(), RateColumn("images"), TimeElapsedColumn(),
+            TextColumn("{task.fields[note]}"), console=console, transient=False,
+        )
+        self._task = self._bars.add_task("images", total=None, note="", unit="images")
+
+    def __enter__(self) -> ImageProgressBar:
+        self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bars.update(self._task, note="")
+        self._bars.stop()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        self._bars.update(self._task, completed=done, total=total, note=name)
