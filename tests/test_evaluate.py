@@ -125,9 +125,28 @@ def test_reference_protocol_is_labelled(dataset: Path, model_run: Path, dark_is_
                                         tmp_path: Path) -> None:
     result = run_evaluate(dataset, model_run, tmp_path / "eval", EvaluateConfig(protocol="reference"))
     assert "for comparison with published numbers only" in result["protocol"]
-    assert set(result["summary"]) == {"dice", "iou"} and result["summary"]["dice"]["n"] == 2 * 4  # 2x2 patches of 32
-    assert result["summary"]["dice"]["mean"] < 1.0  # image b is shifted
+    summary = result["summary"]
+    assert {"dice", "dice_foreground", "iou", "precision", "recall"} <= set(summary)
+    assert summary["dice"]["n"] == 2 * 25  # 5x5 patches of 32 px at stride 8 in each 64-px image
+    assert summary["dice"]["mean"] < 1.0  # image b is shifted
+    # dice is the mean over classes with background, as the reference prints it
+    per_class = result["per_class"]
+    assert summary["dice"]["mean"] == pytest.approx((per_class["background"]["dice"]["mean"]
+                                                     + per_class["nucleus"]["dice"]["mean"]) / 2)
+    assert summary["dice_foreground"]["mean"] == pytest.approx(per_class["nucleus"]["dice"]["mean"])
     assert not (tmp_path / "eval" / "overlays").exists()
+
+
+def test_reference_patch_scores_by_hand() -> None:
+    """Per class on one 2x2 patch, and the zero_division=1 rule for an absent class."""
+    from gsd_wsi.stages.evaluate import _patch_scores
+
+    truth = np.array([[1, 1], [0, 0]])
+    pred = np.array([[1, 0], [0, 0]])
+    scores = _patch_scores(pred, truth, 3)
+    assert scores["dice"] == pytest.approx([2 * 2 / (2 * 2 + 1), 2 / 3, 1.0])  # class 2: absent from both
+    assert scores["iou"] == pytest.approx([2 / 3, 1 / 2, 1.0])
+    assert scores["precision"] == pytest.approx([2 / 3, 1.0, 1.0]) and scores["recall"] == pytest.approx([1.0, 0.5, 1.0])
 
 
 def test_instance_scores_perfect_and_merged() -> None:

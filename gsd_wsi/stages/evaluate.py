@@ -9,9 +9,14 @@ object F1 on predicted instances, which are the connected components (optionally
 watershed) of ``pred == 1`` for two-class models and of ``pred != 0`` (all foreground)
 otherwise; for GlaS items also the challenge's object F1, object Dice and object Hausdorff.
 
-Reference protocol: the reference code's per-patch averaging (non-overlapping patches,
-remainder dropped, each predicted alone, Dice/IoU averaged over all patches), for
-comparison with published numbers only.
+Reference protocol: what the reference code's MoNuSeg test script does, for comparison with
+published numbers only. Each image is cut into overlapping patches of the model's size at a
+quarter-patch stride (256 px at stride 64 there; the remainder at the right and bottom is
+dropped), each patch is predicted alone, and per patch and class Dice (F1), IoU, precision
+and recall are computed with a class absent from truth and prediction scoring 1 (sklearn's
+``zero_division=1``); they are averaged over all patches, and ``dice`` is the mean over
+classes *including background*, the number the reference prints. ``dice_foreground`` leaves
+background out.
 
 Outputs in ``out_dir``: ``metrics.json``, ``per_image.csv``, ``overlays/<name>.png``.
 """
@@ -51,6 +56,7 @@ PROTOCOL_LABELS = {
 }
 SEMANTIC_KEYS = ("dice", "iou", "precision", "recall", "hd95_px", "hd95_um")
 OVERLAY_MAX_PX = 2048
+REFERENCE_STRIDE_DIVISOR = 4  # the reference cuts its MoNuSeg test images into 256-px patches at stride 64
 PRED_RGB, TRUE_RGB = (255, 255, 0), (0, 255, 0)  # predicted outline yellow, true outline green
 
 
@@ -154,15 +160,22 @@ def overlay(image: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray)
     return out
 
 
-def _patch_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> tuple[float, float]:
-    """Foreground-mean Dice and IoU of one patch; a class absent from both scores 1 (smoothed Dice)."""
+def _patch_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[str, list[float]]:
+    """Per class Dice, IoU, precision and recall of one patch; an undefined ratio (class absent
+    from truth and prediction, or nothing predicted) scores 1, as sklearn's zero_division=1."""
     cm = confusion(pred, truth, n_classes).astype(np.float64)
-    dice, iou = [], []
-    for c in range(1, n_classes):
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den else 1.0
+
+    scores: dict[str, list[float]] = {"dice": [], "iou": [], "precision": [], "recall": []}
+    for c in range(n_classes):
         tp, fp, fn = cm[c, c], cm[:, c].sum() - cm[c, c], cm[c, :].sum() - cm[c, c]
-        dice.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
-        iou.append(tp / (tp + fp + fn) if tp + fp + fn else 1.0)
-    return float(np.mean(dice)), float(np.mean(iou))
+        scores["dice"].append(ratio(2 * tp, 2 * tp + fp + fn))
+        scores["iou"].append(ratio(tp, tp + fp + fn))
+        scores["precision"].append(ratio(tp, tp + fp))
+        scores["recall"].append(ratio(tp, tp + fn))
+    return scores
 
 
 def _stats(values: list[Any]) -> dict[str, float | int | None]:
@@ -220,8 +233,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
         return np.argmax(probs, axis=0)
 
     rows: list[dict[str, Any]] = []
-    patch_dice: list[float] = []
-    patch_iou: list[float] = []
+    patch_scores: list[dict[str, list[float]]] = []
     for index, item in enumerate(items):
         try:
             image, truth, true_inst = load_example(item, len(classes))
@@ -233,15 +245,14 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
             log.warning("skipped %s: %s", item.name, exc)
             continue
         if config.protocol == "reference":
-            n_y, n_x = image.shape[0] // patch_px, image.shape[1] // patch_px
-            for y in range(0, n_y * patch_px, patch_px):
-                for x in range(0, n_x * patch_px, patch_px):
-                    window = np.s_[y:y + patch_px, x:x + patch_px]
-                    dice, iou = _patch_scores(predict(image[window], 0.0), truth[window], len(classes))
-                    patch_dice.append(dice)
-                    patch_iou.append(iou)
-            rows.append({"name": item.name, "n_patches": n_y * n_x})
-            log.info("%s: %d patch(es) of %d px", item.name, n_y * n_x, patch_px)
+            stride = max(1, patch_px // REFERENCE_STRIDE_DIVISOR)
+            corners = [(y, x) for y in range(0, image.shape[0] - patch_px + 1, stride)
+                       for x in range(0, image.shape[1] - patch_px + 1, stride)]
+            for y, x in corners:
+                window = np.s_[y:y + patch_px, x:x + patch_px]
+                patch_scores.append(_patch_scores(predict(image[window], 0.0), truth[window], len(classes)))
+            rows.append({"name": item.name, "n_patches": len(corners)})
+            log.info("%s: %d patch(es) of %d px at stride %d", item.name, len(corners), patch_px, stride)
         else:
             pred = predict(image, config.overlap)
             row, pred_inst = score_image(pred, truth, true_inst, classes, mpp, config.watershed,
@@ -257,8 +268,13 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
             progress(index + 1, len(items), item.name)
 
     if config.protocol == "reference":
-        summary = {"dice": _stats(patch_dice), "iou": _stats(patch_iou)}
-        per_class: dict[str, Any] = {}
+        keys = ("dice", "iou", "precision", "recall")
+        summary = {}
+        for key in keys:
+            summary[key] = _stats([float(np.mean(p[key])) for p in patch_scores])
+            summary[f"{key}_foreground"] = _stats([float(np.mean(p[key][1:])) for p in patch_scores])
+        per_class: dict[str, Any] = {name: {key: _stats([p[key][c] for p in patch_scores]) for key in keys}
+                                     for c, name in enumerate(classes)}
     else:
         scalar = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "name"]
         per_keys = {f"{key}_{name}" for key in SEMANTIC_KEYS for name in classes}
