@@ -1,0 +1,59 @@
+"""pipelines/monuseg_experiment.py: the table it writes from the evaluations (mean, sample std, paired difference)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "pipelines" / "monuseg_experiment.py"
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    spec = importlib.util.spec_from_file_location("monuseg_experiment", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_eval(out: Path, name: str, dice: float, aji: float) -> None:
+    folder = out / "eval" / name
+    folder.mkdir(parents=True)
+    summary = {"dice": {"mean": dice}, "aji": {"mean": aji}, "pq": {"mean": aji / 2}, "hd95_um": {"mean": 10 * dice}}
+    (folder / "metrics.json").write_text(json.dumps({"summary": summary}))
+
+
+def test_summary_table(tmp_path: Path, experiment) -> None:
+    args = experiment.parse_args(["--out", str(tmp_path), "--seeds", "0", "1", "2", "--fractions", "1.0", "0.1"])
+    runs = [experiment.FinetuneRun(start, f, s) for f in args.fractions for s in args.seeds
+            for start in ("pretrained", "scratch")]
+    pre = {0: 0.70, 1: 0.74, 2: 0.72}
+    for run in runs:
+        offset = 0.05 if run.fraction == 0.1 and run.start == "pretrained" else 0.0
+        _fake_eval(tmp_path, run.name, pre[run.seed] + offset - (0.1 if run.fraction == 0.1 else 0.0), 0.3)
+    assert runs[0].name == "pretrained_f100_s0" and runs[-1].name == "scratch_f010_s2"
+    result = experiment.summarise(args, tmp_path, runs, {"tile": 1.0})
+    table = result["table"]
+    assert table["scratch@1"]["dice"]["mean"] == pytest.approx(0.72)
+    assert table["scratch@1"]["dice"]["std"] == pytest.approx(0.02)  # sample std (n - 1) over seeds
+    assert table["difference@0.1"]["dice"]["mean"] == pytest.approx(0.05)
+    assert table["difference@0.1"]["dice"]["std"] == pytest.approx(0.0, abs=1e-12)  # paired by seed
+    assert table["difference@1"]["aji"]["per_seed"] == pytest.approx([0.0, 0.0, 0.0])
+    experiment.write_markdown(result, tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert "| 10% | pretrained − scratch (paired) | +0.050 ± 0.000 |" in text
+    assert "| 100% | scratch | 0.720 ± 0.020 |" in text
+    experiment.plot(result, tmp_path / "results.png")
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_mean_std_skips_missing_values(experiment) -> None:
+    assert experiment._mean_std([1.0, None, float("nan"), 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    mean, std = experiment._mean_std([None])
+    assert math.isnan(mean) and math.isnan(std)
