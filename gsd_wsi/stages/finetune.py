@@ -36,8 +36,7 @@ from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.nn.losses import SegmentationLoss
 from gsd_wsi.nn.unet import unet_config
 from gsd_wsi.slide.image_backend import read_plain_image
-from gsd_wsi.stain import METHODS as STAIN_METHODS
-from gsd_wsi.stain import StainNormalizer, make_normalizer
+from gsd_wsi.stain import StainNormalizer, check_stain_options, make_normalizer
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.augment import training_augmentation
 from gsd_wsi.train.ddp import resolve_device
@@ -91,12 +90,7 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.patch_px % 16:
             raise ConfigError(f"--patch-px must be a multiple of 16; got {self.patch_px}")
-        if self.stain not in STAIN_METHODS:
-            raise ConfigError(f"--stain must be one of {', '.join(STAIN_METHODS)}; got {self.stain!r}")
-        if self.stain_target is not None and self.stain == "none":
-            raise ConfigError("--stain-target has no effect with --stain none; drop one of them")
-        if self.stain_target is not None and not Path(self.stain_target).is_file():
-            raise ConfigError(f"--stain-target {self.stain_target}: no such image file")
+        check_stain_options(self.stain, self.stain_target)
         if self.input_range not in INPUT_RANGES:
             raise ConfigError(f"--input-range must be one of {', '.join(INPUT_RANGES)}; got {self.input_range!r}")
 

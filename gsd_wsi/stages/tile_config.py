@@ -7,15 +7,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.slide import BACKENDS
+from gsd_wsi.stain import check_stain_options
 from gsd_wsi.store import SHARD_PATCHES
 from gsd_wsi.tissue import TissueConfig
 
 StainMethod = Literal["macenko", "reinhard", "vahadane", "none"]
-STAIN_METHODS: tuple[str, ...] = get_args(StainMethod)
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,7 @@ class TileConfig:
             )
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"--min-tissue is a fraction between 0 and 1 (got {self.min_tissue})")
-        if self.stain not in STAIN_METHODS:
-            raise ConfigError(f"--stain must be one of {', '.join(STAIN_METHODS)} (got {self.stain!r})")
-        if self.stain_target is not None and not Path(self.stain_target).is_file():
-            raise ConfigError(f"--stain-target {self.stain_target}: no such image file")
-        if self.stain_target is not None and self.stain == "none":
-            raise ConfigError("--stain-target has no effect with --stain none; drop one of them")
+        check_stain_options(self.stain, self.stain_target)
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         if self.stain_sample_tiles < 1:

@@ -16,6 +16,7 @@ Numpy only (no torch).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -92,6 +93,16 @@ def _class_of(method: str) -> type[StainNormalizer]:
     if key not in METHODS:
         raise ConfigError(f"unknown stain normalisation method {method!r}; valid: {list(METHODS)}")
     return StainNormalizer._registry[key]
+
+
+def check_stain_options(method: str, target: Path | str | None) -> None:
+    """Refuse an unknown method, a target image that does not exist, or a target without a method."""
+    if method not in METHODS:
+        raise ConfigError(f"--stain must be one of {', '.join(METHODS)} (got {method!r})")
+    if target is not None and method == "none":
+        raise ConfigError("--stain-target has no effect with --stain none; drop one of them")
+    if target is not None and not Path(target).is_file():
+        raise ConfigError(f"--stain-target {target}: no such image file")
 
 
 def make_normalizer(
