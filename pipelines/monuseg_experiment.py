@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny", help="U-Net size: tiny, small or base.")
     p.add_argument("--patch-px", type=int, default=128)
     p.add_argument("--init", default="pytorch", help="Weight init of everything trained from scratch.")
-    p.add_argument("--pretrain-steps", type=int, default=3000)
+    p.add_argument("--pretrain-steps", type=int, default=4000)
     p.add_argument("--pretrain-batch", type=int, default=8)
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=25, help="Fine-tuning epochs.")
