@@ -118,7 +118,7 @@ def _as_rgb_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def _glass_colour(rgb: np.ndarray) -> np.ndarray | None:
-    """Colour of the glass: the most frequent bright, near-neutral grey level."""
+    """Colour of the glass: the brightest frequent level among bright, near-neutral pixels."""
     step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 1e6)))
     sample = rgb[::step, ::step].reshape(-1, 3).astype(np.int16)
     hi, lo = sample.max(axis=1), sample.min(axis=1)
@@ -135,10 +135,10 @@ def _glass_colour(rgb: np.ndarray) -> np.ndarray | None:
     while True:
         hist = np.convolve(np.bincount(lum[lum >= floor], minlength=256), np.ones(5), mode="same")
         mode = int(np.argmax(hist))
-        above = lum > mode + GLASS_MARGIN
-        if np.mean(sample_lum > mode + GLASS_MARGIN) <= GLASS_BRIGHTER_MAX or above.sum() < 50:
+        brighter = mode + GLASS_MARGIN
+        if np.mean(sample_lum > brighter) <= GLASS_BRIGHTER_MAX or np.sum(lum > brighter) < 50:
             return np.median(cand[np.abs(lum - mode) <= 3], axis=0).astype(np.float64)
-        floor = mode + GLASS_MARGIN + 1
+        floor = brighter + 1
 
 
 def _detect(rgb: np.ndarray, mpp: float, config: TissueConfig) -> np.ndarray:

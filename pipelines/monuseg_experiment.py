@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gsd_wsi import __version__
+
 log = logging.getLogger("monuseg_experiment")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def gsd_wsi(args: list[str], log_path: Path, threads: int | None = None) -> float:
+def run_gsd_wsi(args: list[str], log_path: Path, threads: int | None = None) -> float:
     """Run one `gsd-wsi` command with its output in ``log_path``; returns its wall time in seconds."""
     env = dict(os.environ)
     if threads is not None:
@@ -111,7 +113,7 @@ def tile_training_images(args: argparse.Namespace, out: Path) -> Path:
         for name in split["train"]:
             writer.writerow([images[name].resolve(), name, MONUSEG_MPP])
     tiles = out / "tiles"
-    gsd_wsi(["tile", str(manifest), "-o", str(tiles), "--mpp", str(MONUSEG_MPP), "--tile-px", str(args.patch_px),
+    run_gsd_wsi(["tile", str(manifest), "-o", str(tiles), "--mpp", str(MONUSEG_MPP), "--tile-px", str(args.patch_px),
              "--stride-px", str(args.patch_px // 2), "--stain", "none"], out / "logs" / "tile.log")
     return tiles
 
@@ -127,7 +129,7 @@ def pretrain(args: argparse.Namespace, out: Path, tiles: Path) -> Path:
                "--sample-every", str(args.pretrain_steps), "--val-every", "250", "--device", args.device]
     if (run / "config.json").exists():
         command.append("--resume")
-    gsd_wsi(command, out / "logs" / "pretrain.log")
+    run_gsd_wsi(command, out / "logs" / "pretrain.log")
     return run
 
 
@@ -135,7 +137,7 @@ def finetune_and_evaluate(args: argparse.Namespace, out: Path, pretrained: Path,
                           threads: int) -> Path:
     run_dir, eval_dir = out / "finetune" / run.name, out / "eval" / run.name
     if not (run_dir / "last").exists():
-        gsd_wsi(["finetune", str(args.data), "-o", str(run_dir), "--overwrite",
+        run_gsd_wsi(["finetune", str(args.data), "-o", str(run_dir), "--overwrite",
                  "--pretrained", str(pretrained) if run.start == "pretrained" else "none",
                  "--model", args.model, "--init", args.init, "--patch-px", str(args.patch_px),
                  "--label-fraction", str(run.fraction), "--crops-per-image", str(round(args.crops / run.fraction)),
@@ -143,7 +145,7 @@ def finetune_and_evaluate(args: argparse.Namespace, out: Path, pretrained: Path,
                  "--split-file", str(args.split_file), "--mpp", str(MONUSEG_MPP), "--seed", str(run.seed),
                  "--device", args.device], out / "logs" / f"finetune_{run.name}.log", threads)
     if not (eval_dir / "metrics.json").exists():
-        gsd_wsi(["evaluate", str(args.data), "--model", str(run_dir), "-o", str(eval_dir),
+        run_gsd_wsi(["evaluate", str(args.data), "--model", str(run_dir), "-o", str(eval_dir),
                  "--split-file", str(args.split_file), "--subset", "test"], out / "logs" / f"evaluate_{run.name}.log",
                 threads)
     return eval_dir
@@ -178,7 +180,6 @@ def summarise(args: argparse.Namespace, out: Path, runs: list[FinetuneRun], timi
             diffs[key] = dict(zip(("mean", "std"), _mean_std(d))) | {"per_seed": d}
         table[f"difference@{fraction:g}"] = diffs
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    from gsd_wsi import __version__
     return {"settings": settings, "gsd_wsi_version": __version__, "table": table, "per_run": per_run,
             "wall_s": timings}
 

@@ -45,7 +45,7 @@ from gsd_wsi.metrics import (aji, confusion, glas_object_dice, glas_object_f1, g
                              label_instances, object_f1, panoptic_quality, semantic_scores)
 from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.qc import save_png
-from gsd_wsi.stain import StainNormalizer, make_normalizer
+from gsd_wsi.stain import StainNormalizer, make_normalizer, normalise_image
 from gsd_wsi.train.transfer import load_segmentation_model
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
         try:
             image, truth, true_inst = load_example(item, len(classes))
             if normaliser is not None:
-                # the float map is cheaper than the 2**24 lookup table for images under 16 Mpx
-                image = normaliser.fit_source(image).transform(image, use_lut=image.size // 3 > 1 << 24)
+                image = normalise_image(normaliser, image)
         except GsdWsiError as exc:
             problems.append(f"{item.name}: {exc}")
             log.warning("skipped %s: %s", item.name, exc)

@@ -36,7 +36,7 @@ from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.nn.losses import SegmentationLoss
 from gsd_wsi.nn.unet import unet_config
 from gsd_wsi.slide.image_backend import read_plain_image
-from gsd_wsi.stain import StainNormalizer, check_stain_options, make_normalizer
+from gsd_wsi.stain import StainNormalizer, check_stain_options, make_normalizer, normalise_image
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.augment import training_augmentation
 from gsd_wsi.train.ddp import resolve_device
@@ -170,9 +170,8 @@ def _load(items: list[LabelledImage], config: FinetuneConfig,
     for item in items:
         image, label = load_example(item, config.classes)[:2]
         if normaliser is not None:
-            # per image, as `evaluate` and `segment` do; the float map beats the 2**24 table on small images
-            try:
-                image = normaliser.fit_source(image).transform(image, use_lut=False)
+            try:  # per image, as `evaluate` does
+                image = normalise_image(normaliser, image)
             except StainError as exc:
                 raise StainError(f"{item.image_path}: {exc}") from exc
         examples.append((image, label))

@@ -105,6 +105,13 @@ def check_stain_options(method: str, target: Path | str | None) -> None:
         raise ConfigError(f"--stain-target {target}: no such image file")
 
 
+def normalise_image(normaliser: StainNormalizer, rgb: np.ndarray) -> np.ndarray:
+    """Normalise one whole (H, W, 3) image with source stains fitted on the image itself, as
+    labelled images are (slides are fitted once from tiles across them). The float map is
+    cheaper than building the 2**24 lookup table below 16 Mpx."""
+    return normaliser.fit_source(rgb).transform(rgb, use_lut=rgb.size // 3 > 1 << 24)
+
+
 def make_normalizer(
     method: str, target_rgb: np.ndarray | None = None, **settings: Any
 ) -> StainNormalizer:
