@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import zarr
@@ -31,13 +31,13 @@ from gsd_wsi.manifest import SlideInput
 from gsd_wsi.qc import render_tissue_qc, save_png
 from gsd_wsi.slide import Slide, open_slide
 from gsd_wsi.stain import StainNormalizer, make_normalizer
+from gsd_wsi.stages.batch import Status
 from gsd_wsi.stages.tile_config import TileConfig, settings_hash
 from gsd_wsi.store import STORE_NAME, create_store, open_images_for_writing, read_store_attrs, shard_ranges
 from gsd_wsi.tissue import detect_tissue
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["ok", "skipped", "no_tissue", "failed"]
 QC_NAME = "tissue.png"
 _QC_LONG_SIDE_PX = 1600
 
@@ -50,6 +50,17 @@ class SlideResult:
     n_patches: int = 0
     seconds: float = 0.0
     error: str = ""
+
+    @classmethod
+    def failed(cls, item: SlideInput, error: str) -> SlideResult:
+        return cls(item.slide_id, item.path, "failed", error=error)
+
+    def summary_row(self) -> dict[str, Any]:
+        return {"slide_id": self.slide_id, "path": str(self.path), "status": self.status, "n_patches": self.n_patches,
+                "seconds": f"{self.seconds:.2f}", "error": self.error}
+
+    def describe(self) -> str:
+        return f"{self.n_patches} patches"
 
 
 @dataclass(frozen=True)
