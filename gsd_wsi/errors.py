@@ -54,3 +54,8 @@ class RunFolderError(GsdWsiError, FileExistsError):
 
 class MetricInputError(GsdWsiError, ValueError):
     """Inputs to a metric are malformed (shapes differ, labels out of range, negative ids)."""
+
+
+class MaskWriteError(GsdWsiError, OSError):
+    """A mask output cannot be written or read back: the target exists, a band is missing, or
+    the folder is not a finished gsd-wsi label pyramid."""

@@ -223,3 +223,65 @@ def test_stain_target_recorded_source_fitted_per_image(dataset: Path, tmp_path: 
         run_evaluate(dataset, tmp_path / "run", tmp_path / "eval", EvaluateConfig())
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["n_images"] == 0 and sum("tissue pixels" in p for p in result["problems"]) == 2
+
+
+def _save_model(folder: Path, mpp: float | None, data_mpp: float | None, seed: int = 0) -> Path:
+    """A tiny random model (the same weights for the same seed) recording ``mpp`` and ``data_mpp``."""
+    import torch
+
+    torch.manual_seed(seed)
+    model, _ = segmentation_unet(None, 2, unet_config("tiny"), patch_px=32)
+    info = segmentation_model_json(model, ["background", "nucleus"], 32, mpp, (-1.0, 1.0), {"method": "none"}, {},
+                                   data_mpp=data_mpp)
+    save_checkpoint(folder / "model", model.state_dict(), None, info, None)
+    return folder
+
+
+def test_train_mpp_model_predicts_at_its_mpp_and_scores_at_the_images(dataset: Path, dark_is_nucleus: None,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model at 0.5 um/px from images at 0.25: 64-px images are predicted at 32 px, scored at 64."""
+    seen: list[tuple[int, ...]] = []
+    fake = evaluate_module.predict_probabilities
+
+    def recording(model, image, *args):  # noqa: ANN001, ANN002, ANN202
+        seen.append(image.shape)
+        return fake(model, image, *args)
+
+    monkeypatch.setattr(evaluate_module, "predict_probabilities", recording)
+    run = _save_model(tmp_path / "run", mpp=0.5, data_mpp=0.25)
+    out = tmp_path / "eval"
+    result = run_evaluate(dataset, run, out, EvaluateConfig())
+    assert seen and set(seen) == {(SIZE // 2, SIZE // 2, 3)}
+    settings = result["settings"]
+    assert settings["mpp_used"] == 0.25 and settings["mpp_source"] == "model data_mpp"
+    assert settings["model_mpp"] == 0.5 and settings["resampled"] is True
+    with open(out / "per_image.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert float(rows["a"]["dice"]) > 0.95  # against the original 64-px mask
+    assert float(rows["b"]["hd95_um"]) == pytest.approx(0.25 * float(rows["b"]["hd95_px"]))  # the images' mpp
+    assert float(rows["b"]["hd95_px"]) == pytest.approx(hd95(_disc(32, 28), np.roll(_disc(32, 28), SHIFT, axis=1)),
+                                                        abs=1.5)  # px of the 64-px image, not of the 32-px one
+    assert np.asarray(Image.open(out / "overlays" / "a.png")).shape == (SIZE, SIZE, 3)
+    seen.clear()
+    reference = run_evaluate(dataset, run, tmp_path / "ref", EvaluateConfig(protocol="reference"))
+    assert reference["summary"]["dice"]["n"] == 2 and set(seen) == {(32, 32, 3)}  # one 32-px patch of each 32-px image
+    assert reference["settings"]["resampled"] is True
+
+
+def test_no_resampling_when_the_resolutions_match(dataset: Path, tmp_path: Path) -> None:
+    """A real (random) network: data_mpp equal to mpp, or --mpp within 2 %, gives today's results exactly."""
+    old = _save_model(tmp_path / "old", mpp=0.5, data_mpp=None)
+    new = _save_model(tmp_path / "new", mpp=0.5, data_mpp=0.5)
+    results = [run_evaluate(dataset, old, tmp_path / "e_old", EvaluateConfig()),
+               run_evaluate(dataset, new, tmp_path / "e_new", EvaluateConfig()),
+               run_evaluate(dataset, old, tmp_path / "e_close", EvaluateConfig(mpp=0.505))]
+    assert [r["settings"]["resampled"] for r in results] == [False] * 3
+    assert [r["settings"]["mpp_source"] for r in results] == ["model mpp", "model data_mpp", "--mpp"]
+    assert results[0]["summary"] == results[1]["summary"]
+    assert (tmp_path / "e_old" / "per_image.csv").read_text() == (tmp_path / "e_new" / "per_image.csv").read_text()
+    close = {k: v for k, v in results[2]["summary"].items() if "hd95_um" not in k}
+    assert close == {k: v for k, v in results[0]["summary"].items() if "hd95_um" not in k}
+    for name in ("a", "b"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "e_old" / "overlays" / f"{name}.png")),
+                              np.asarray(Image.open(tmp_path / "e_close" / "overlays" / f"{name}.png")))

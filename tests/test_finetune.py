@@ -130,3 +130,74 @@ def test_stain_options_are_checked() -> None:
         FinetuneConfig(stain="hematoxylin")
     with pytest.raises(ConfigError, match="no effect with --stain none"):
         FinetuneConfig(stain_target=Path("target.png"))
+
+
+def test_train_mpp_resamples_before_cropping_and_records_both_resolutions(tmp_path: Path) -> None:
+    """64-px images at 0.25 um/px train as 32-px images at 0.5; model.json: mpp 0.5, data_mpp 0.25."""
+    from gsd_wsi.datasets import discover
+    from gsd_wsi.stages.finetune import _load
+
+    data = _toy_dataset(tmp_path / "data")
+    result = CliRunner().invoke(app, [
+        "finetune", str(data), "-o", str(tmp_path / "run"), "--pretrained", "none", "--model", "tiny",
+        "--init", "pytorch", "--epochs", "1", "--batch-size", "4", "--patch-px", "16", "--crops-per-image", "2",
+        "--mpp", "0.25", "--train-mpp", "0.5"])
+    assert result.exit_code == 0, result.output
+    _, info = load_segmentation_model(tmp_path / "run")
+    assert info["mpp"] == 0.5 and info["data_mpp"] == 0.25 and info["patch_px"] == 16
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["finetune"]["train_mpp"] == 0.5 and saved["finetune"]["mpp"] == 0.25
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_dice" in rows[-1]  # validated at the images' own resolution, as evaluate does
+    config = FinetuneConfig(**FAST | {"mpp": 0.25, "train_mpp": 0.5})
+    items = discover(data)[0][:2]
+    for image, label in _load(items, config, None, config.train_mpp):
+        assert image.shape == (32, 32, 3) and label.shape == (32, 32) and set(np.unique(label)) <= {0, 1}
+    assert [e[0].shape for e in _load(items, config, None)] == [(64, 64, 3)] * 2  # validation: untouched
+
+
+def test_train_mpp_refusals() -> None:
+    with pytest.raises(ConfigError, match="--train-mpp 0.25 is finer than the training images .0.5 um/px.*upsample"):
+        FinetuneConfig(mpp=0.5, train_mpp=0.25)
+    assert FinetuneConfig(mpp=0.5, train_mpp=0.495).model_mpp == 0.495  # within 2 %: allowed, no resampling
+    with pytest.raises(ConfigError, match="--train-mpp must be a positive"):
+        FinetuneConfig(train_mpp=0.0)
+
+
+def test_train_mpp_needs_the_images_resolution(tmp_path: Path) -> None:
+    data = _toy_dataset(tmp_path / "data", n=4)  # PNG images and masks: no recorded resolution
+    with pytest.raises(ConfigError, match="needs the resolution of the training images.*4 of 4 record none.*--mpp"):
+        run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST | {"train_mpp": 0.5}), pretrained=None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_mpp_takes_the_resolution_aperio_xml_records(tmp_path: Path) -> None:
+    """MoNuSeg-style .tif + .xml with MicronsPerPixel: no --mpp needed; an explicit --mpp wins."""
+    import tifffile
+
+    from gsd_wsi.stages.finetune import with_data_mpp
+
+    root = tmp_path / "monuseg"
+    root.mkdir()
+    for i, mpp in enumerate(("0.2527", "0.2520", "0.2456")):  # the spread of MoNuSeg's files
+        image = np.full((64, 64, 3), (230, 160, 200), np.uint8)
+        image[20:40, 20:40] = (90, 40, 120)
+        tifffile.imwrite(root / f"im{i}.tif", image)
+        (root / f"im{i}.xml").write_text(
+            f'<Annotations MicronsPerPixel="{mpp}"><Annotation Id="1"><Regions><Region Id="1"><Vertices>'
+            '<Vertex X="20" Y="20"/><Vertex X="40" Y="20"/><Vertex X="40" Y="40"/><Vertex X="20" Y="40"/>'
+            "</Vertices></Region></Regions></Annotation></Annotations>")
+    run_finetune(root, tmp_path / "run", FinetuneConfig(**FAST | {"epochs": 1, "patch_px": 16, "train_mpp": 0.5}),
+                 pretrained=None)
+    _, info = load_segmentation_model(tmp_path / "run")
+    assert info["mpp"] == 0.5 and info["data_mpp"] == pytest.approx(0.252)  # median of the three recorded
+    assert "annotations" in json.loads((tmp_path / "run" / "config.json").read_text())["data_mpp_source"]
+    from gsd_wsi.datasets import discover
+
+    items = discover(root)[0]
+    assert with_data_mpp(FinetuneConfig(mpp=0.3, train_mpp=0.5), items)[0].mpp == 0.3
+    (root / "im2.xml").write_text((root / "im2.xml").read_text().replace("0.2456", "0.5"))
+    with pytest.raises(ConfigError, match="resolutions from 0.252 to 0.5"):
+        with_data_mpp(FinetuneConfig(train_mpp=0.5), items)
+    with pytest.raises(ConfigError, match="finer than the training images"):
+        with_data_mpp(FinetuneConfig(train_mpp=0.2), items[:2])

@@ -90,28 +90,33 @@ def tile(
         raise _fail(exc) from exc
     _print_results(results, out)
     console.print(f"summary: {out / SUMMARY_NAME}", highlight=False)
-    n_failed = sum(r.status == "failed" for r in results)
-    if n_failed:
-        console.print(f"[bold red]{n_failed} of {len(results)} slide(s) failed[/]")
-        raise typer.Exit(1)
+    _exit_if_failed(results)
 
 
 _TABLE_ALL_ROWS_UP_TO = 20
 
 
-def _print_results(results: list, out: Path) -> None:
+def _print_results(results: list, out: Path, verb: str = "tile") -> None:
     """Every slide for small runs; for cohorts, the counts and only the slides needing a look."""
     shown = results if len(results) <= _TABLE_ALL_ROWS_UP_TO else [r for r in results if r.status in ("failed", "no_tissue")]
     if shown:
-        table = Table(title=f"gsd-wsi tile -> {out}", title_justify="left")
-        for column in ("slide", "status", "patches", "seconds", "error"):
+        table = Table(title=f"gsd-wsi {verb} -> {out}", title_justify="left")
+        for column in ("slide", "status", "result", "seconds", "error"):
             table.add_column(column, overflow="fold")
         for r in shown:
             style = _STATUS_STYLE.get(r.status, "")
-            table.add_row(r.slide_id, f"[{style}]{r.status}[/]", str(r.n_patches), f"{r.seconds:.1f}", r.error)
+            table.add_row(r.slide_id, f"[{style}]{r.status}[/]", "" if r.status == "failed" else r.describe(),
+                          f"{r.seconds:.1f}", r.error)
         console.print(table)
     counts = {status: sum(r.status == status for r in results) for status in _STATUS_STYLE}
     console.print(", ".join(f"[{_STATUS_STYLE[s]}]{s} {n}[/]" for s, n in counts.items() if n), highlight=False)
+
+
+def _exit_if_failed(results: list) -> None:
+    n_failed = sum(r.status == "failed" for r in results)
+    if n_failed:
+        console.print(f"[bold red]{n_failed} of {len(results)} slide(s) failed[/]")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -163,7 +168,8 @@ def finetune(
     ss_variant: Annotated[str, typer.Option(help="Structural-similarity loss: pixel (the fix) or reference.")] = "pixel",
     input_range: Annotated[str, typer.Option(help="minus_one_one (the fix) or zero_one (the reference's).")] = "minus_one_one",
     lr: Annotated[float, typer.Option(help="Adam learning rate [1e-4].")] = 1e-4,
-    mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of the images (recorded for segment).")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of the images (recorded for segment); with --train-mpp and no --mpp, read from their Aperio XML.")] = None,
+    train_mpp: Annotated[Optional[float], typer.Option(help="Resample the images to this resolution (um/px, not finer than --mpp) and train there; the model's mpp.")] = None,
     stain: Annotated[str, typer.Option(help="Stain normalisation of every image: macenko, reinhard, vahadane or none (use the one the pretraining patches had).")] = "none",
     stain_target: Annotated[Optional[Path], typer.Option(help="Image whose stains are the target (default: built-in reference).")] = None,
     split_file: Annotated[Optional[Path], typer.Option(help="JSON/YAML split by image; its test images are never trained on.")] = None,
@@ -181,7 +187,7 @@ def finetune(
             classes=classes, class_names=tuple(class_names.split(",")) if class_names else None, model=model,  # type: ignore[arg-type]
             init=init, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, patch_px=patch_px,  # type: ignore[arg-type]
             crops_per_image=crops_per_image, val_every=val_every, val_fraction=val_fraction, loss=loss, ss_variant=ss_variant,  # type: ignore[arg-type]
-            input_range=input_range, lr=lr, mpp=mpp, stain=stain, stain_target=stain_target, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
+            input_range=input_range, lr=lr, mpp=mpp, train_mpp=train_mpp, stain=stain, stain_target=stain_target, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
             device=device,  # type: ignore[arg-type]
         )
         source = None if pretrained.lower() == "none" else Path(pretrained)
@@ -286,7 +292,7 @@ def evaluate(
     split_file: Annotated[Optional[Path], typer.Option(help="JSON or YAML split file: train, val and test lists of image stems.")] = None,
     subset: Annotated[str, typer.Option(help="With --split-file: all, train, val or test.")] = "all",
     overlap: Annotated[float, typer.Option(help="Overlap of the sliding windows (standard protocol).")] = 0.5,
-    mpp: Annotated[Optional[float], typer.Option(help="Image resolution for HD95 in um (default: the model's recorded mpp).")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Resolution of the images, um/px (default: the model's data_mpp, else its mpp); they are predicted at the model's mpp and scored at their own.")] = None,
     watershed: Annotated[bool, typer.Option("--watershed/--no-watershed", help="Split touching predicted nuclei by watershed.")] = False,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
 ) -> None:
@@ -313,3 +319,38 @@ def evaluate(
         console.print(f"[yellow]{len(result['problems'])} problem(s)[/], listed in metrics.json", highlight=False)
     console.print(f"metrics: {out / 'metrics.json'}   per image: {out / 'per_image.csv'}"
                   + ("" if protocol == "reference" else f"   overlays: {out / 'overlays'}"), highlight=False)
+
+
+@app.command()
+def segment(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files, folders of slides, or CSV manifests (column path; optional slide_id, mpp).")],
+    model: Annotated[Path, typer.Option("--model", help="Fine-tuned model: the `gsd-wsi finetune -o` run folder or its model/ folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: OUT/<slide_id>/mask.ome.zarr, mask.tiff, mask.geojson, overlay.png, summary.json.")],
+    overlap: Annotated[float, typer.Option(help="Overlap of neighbouring windows, a fraction of the window.")] = 0.25,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    workers: Annotated[int, typer.Option(help="Reader threads; each opens the slide once and reads ahead of the network.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (bf16 autocast on CUDA).")] = "auto",
+    probabilities: Annotated[bool, typer.Option("--probabilities/--no-probabilities", help="Also write class probabilities (uint8) into mask.ome.zarr.")] = False,
+    min_area_um2: Annotated[float, typer.Option(help="Leave regions smaller than this (um^2) out of the GeoJSON.")] = 0.0,
+    slide_mpp: Annotated[Optional[float], typer.Option(help="Resolution for slides whose files state none, um/px.")] = None,
+    thumb_mpp: Annotated[float, typer.Option(help="Resolution of the thumbnail for tissue detection, um/px.")] = 8.0,
+    backend: Annotated[str, typer.Option(help="Slide reader: auto, tifffile, openslide, image, tiatoolbox.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace outputs made before (also with another model or settings).")] = False,
+) -> None:
+    """Segment whole slides with a fine-tuned model: seamless mask pyramids (OME-Zarr, TIFF) and GeoJSON."""
+    from gsd_wsi.cli.progress import TileProgressBars
+    from gsd_wsi.stages.segment import run_segment
+    from gsd_wsi.stages.segment_config import SegmentConfig
+    from gsd_wsi.tissue import TissueConfig
+
+    try:
+        config = SegmentConfig(overlap=overlap, batch_size=batch_size, workers=workers, device=device,  # type: ignore[arg-type]
+                               probabilities=probabilities, min_area_um2=min_area_um2,
+                               tissue=TissueConfig(thumb_mpp=thumb_mpp), backend=backend)
+        results = run_segment(list(slides), out, model, config, overwrite=overwrite, slide_mpp=slide_mpp,
+                              progress=TileProgressBars(console, unit="windows"))
+    except GsdWsiError as exc:
+        raise _fail(exc) from exc
+    _print_results(results, out, "segment")
+    console.print(f"summary: {out / 'segment_summary.csv'}   per slide: {out}/<slide_id>/", highlight=False)
+    _exit_if_failed(results)

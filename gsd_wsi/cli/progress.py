@@ -25,15 +25,15 @@ class RateColumn(ProgressColumn):
 
 
 class TileProgressBars:
-    """Two bars: slides finished, and tiles written (its total grows as slides are planned)."""
+    """Two bars: slides finished, and tiles (or windows) done; that total grows as slides are planned."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, unit: str = "tiles") -> None:
         self._bars = RichProgress(
-            TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), RateColumn("tiles"),
+            TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
             TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=console, transient=False,
         )
         self._slides = self._bars.add_task("slides", total=0, note="", unit="slides", start=False)
-        self._tiles = self._bars.add_task("tiles", total=0, note="", unit="tiles", start=False)
+        self._tiles = self._bars.add_task(unit, total=0, note="", unit=unit, start=False)
 
     def start(self, n_slides: int) -> None:
         self._bars.start()

@@ -22,9 +22,11 @@ from gsd_wsi.datasets.labelled import (  # noqa: E402
     label_subset,
     load_example,
     read_split_file,
+    recorded_mpp,
+    resample_example,
     split_by_image,
 )
-from gsd_wsi.datasets.monuseg_xml import rasterise_instances, read_aperio_xml  # noqa: E402
+from gsd_wsi.datasets.monuseg_xml import rasterise_instances, read_aperio_mpp, read_aperio_xml  # noqa: E402
 
 __all__ = [
     "DatasetError",
@@ -33,7 +35,10 @@ __all__ = [
     "label_subset",
     "load_example",
     "rasterise_instances",
+    "read_aperio_mpp",
     "read_aperio_xml",
     "read_split_file",
+    "recorded_mpp",
+    "resample_example",
     "split_by_image",
 ]

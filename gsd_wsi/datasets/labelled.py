@@ -9,6 +9,9 @@ Formats, detected by :func:`discover` in this order:
 
 Every image without a label, and every label without an image, is returned in a list of
 problems (and logged), never silently dropped. The split unit is the image stem.
+
+Resolution: only Aperio XML records one (:func:`recorded_mpp`); :func:`resample_example`
+brings an example to another resolution (image area-averaged, labels nearest).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from PIL import Image
 
 from gsd_wsi.config import read_yaml_mapping
 from gsd_wsi.datasets import DatasetError
-from gsd_wsi.datasets.monuseg_xml import rasterise_instances, read_aperio_xml
+from gsd_wsi.datasets.monuseg_xml import rasterise_instances, read_aperio_mpp, read_aperio_xml
+from gsd_wsi.imageops import resize_labels, resize_rgb, same_mpp, size_at_mpp
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +191,28 @@ def load_example(item: LabelledImage, n_classes: int) -> tuple[np.ndarray, np.nd
     else:
         raise DatasetError(f"{item.name}: no mask, XML or instance image to label {item.image_path}")
     return image, semantic, instances
+
+
+Example = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # image, semantic, instances (as load_example)
+
+
+def recorded_mpp(item: LabelledImage) -> float | None:
+    """The resolution (um/px) the item's files record: its Aperio XML's ``MicronsPerPixel``, else None."""
+    return read_aperio_mpp(item.xml_path) if item.xml_path is not None else None
+
+
+def resample_example(example: Example, from_mpp: float, to_mpp: float) -> Example:
+    """``(image, semantic, instances)`` at ``from_mpp`` brought to ``to_mpp`` um/px (unchanged within 2 %).
+
+    The image is area-averaged when shrinking (bicubic when growing); the semantic and
+    instance maps are resampled nearest, so classes stay classes and every instance keeps its id.
+    """
+    if same_mpp(from_mpp, to_mpp):
+        return example
+    image, semantic, instances = example
+    size = size_at_mpp(image.shape, from_mpp, to_mpp)
+    return (resize_rgb(image, size), resize_labels(semantic, size),
+            None if instances is None else resize_labels(instances, size))
 
 
 def _check_fraction(name: str, value: float, low_open: bool, high_open: bool) -> None:

@@ -3,7 +3,9 @@
 MoNuSeg ships one ``<Region>`` per nucleus, each with ``<Vertices><Vertex X=".." Y=".."/>``
 in level-0 image pixels (``X`` is the column, ``Y`` the row). :func:`read_aperio_xml`
 returns the polygons in file order, as ``(K, 2)`` float arrays of ``(x, y)``;
-:func:`rasterise_instances` turns them into an int32 instance map with ids ``1..N``.
+:func:`rasterise_instances` turns them into an int32 instance map with ids ``1..N``;
+:func:`read_aperio_mpp` reads the resolution the file records (the root's ``MicronsPerPixel``,
+0.2456-0.2527 um/px in MoNuSeg's files; the image TIFFs themselves record none).
 
 Choices:
 - A Region with fewer than 3 vertices encloses no area. By default it is **skipped with a
@@ -95,6 +97,26 @@ def read_aperio_xml(path: Path, strict: bool = False) -> list[np.ndarray]:
         raise DatasetError(f"{path}: none of the {len(regions)} regions has {MIN_VERTICES} or more vertices")
     log.debug("%s: %d polygons", path, len(polygons))
     return polygons
+
+
+def read_aperio_mpp(path: Path) -> float | None:
+    """The ``MicronsPerPixel`` of the root ``<Annotations>`` element; None when absent, 0 or not a number.
+
+    Only the root's start tag is parsed, not the polygons.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            _, root = next(ET.iterparse(fh, events=("start",)))
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: no such annotation file") from exc
+    except (ET.ParseError, StopIteration) as exc:
+        raise DatasetError(f"{path}: not well-formed XML ({exc}); expected an Aperio ImageScope annotation file") from exc
+    try:
+        mpp = float(root.get("MicronsPerPixel", "nan"))
+    except ValueError:
+        return None
+    return mpp if math.isfinite(mpp) and mpp > 0 else None
 
 
 def rasterise_instances(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

@@ -56,6 +56,13 @@ class Slide(ABC):
         """Level-0 (width, height) in pixels."""
         return self.levels[0].width_px, self.levels[0].height_px
 
+    @property
+    def bounds_l0_xy(self) -> tuple[int, int]:
+        """Top-left of the scanned area in level-0 pixels (OpenSlide's ``openslide.bounds-x/-y``;
+        (0, 0) for formats without bounds). Viewers such as QuPath crop the slide to its bounds,
+        so coordinates written for them are relative to this corner."""
+        return 0, 0
+
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.levels[level].downsample
 

@@ -35,6 +35,11 @@ class OpenSlideSlide(Slide):
     def properties(self) -> dict[str, str]:
         return dict(self._osr.properties)
 
+    @property
+    def bounds_l0_xy(self) -> tuple[int, int]:
+        props = self._osr.properties
+        return int(props.get("openslide.bounds-x", 0)), int(props.get("openslide.bounds-y", 0))
+
     def read_level_region(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
         ds = self.levels[level].downsample
         # OpenSlide takes level-0 coordinates; for exact level positions they must map back

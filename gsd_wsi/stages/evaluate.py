@@ -9,6 +9,15 @@ object F1 on predicted instances, which are the connected components (optionally
 watershed) of ``pred == 1`` for two-class models and of ``pred != 0`` (all foreground)
 otherwise; for GlaS items also the challenge's object F1, object Dice and object Hausdorff.
 
+Resolution: the images are at ``--mpp``, else at the model's ``data_mpp`` (the resolution
+of the images it was fine-tuned from), else at the model's ``mpp``. When that differs from the
+model's ``mpp`` by more than 2 % (a `finetune --train-mpp` model), each image is normalised at
+its own resolution, resized (area averaging) to the model's mpp and predicted, and the
+probabilities are resized back (bilinear) before the argmax, so every score, HD95 in um and
+overlay is at the image's own resolution against its original labels. The reference protocol
+instead resamples image and mask to the model's mpp and cuts its patches there, as the
+reference script would on images at that resolution.
+
 Reference protocol: what the reference code's MoNuSeg test script does, for comparison with
 published numbers only. Each image is cut into overlapping patches of the model's size at a
 quarter-patch stride (256 px at stride 64 there; the remainder at the right and bottom is
@@ -18,7 +27,9 @@ and recall are computed with a class absent from truth and prediction scoring 1 
 classes *including background*, the number the reference prints. ``dice_foreground`` leaves
 background out.
 
-Outputs in ``out_dir``: ``metrics.json``, ``per_image.csv``, ``overlays/<name>.png``.
+Outputs in ``out_dir``: ``metrics.json`` (its settings record the images' mpp ``mpp_used``, its
+source, the model's mpp and whether the images were ``resampled``), ``per_image.csv``,
+``overlays/<name>.png``.
 """
 
 from __future__ import annotations
@@ -39,8 +50,9 @@ from skimage.segmentation import find_boundaries
 
 from gsd_wsi import __version__
 from gsd_wsi.atomic import atomic_write_text
-from gsd_wsi.datasets import DatasetError, LabelledImage, discover, load_example, read_split_file
+from gsd_wsi.datasets import DatasetError, LabelledImage, discover, load_example, read_split_file, resample_example
 from gsd_wsi.errors import ConfigError, GsdWsiError
+from gsd_wsi.imageops import predict_at_mpp, same_mpp
 from gsd_wsi.metrics import (aji, confusion, glas_object_dice, glas_object_f1, glas_object_hausdorff,
                              label_instances, object_f1, panoptic_quality, semantic_scores)
 from gsd_wsi.nn.inference import predict_probabilities
@@ -66,7 +78,7 @@ class EvaluateConfig:
 
     protocol: Literal["standard", "reference"] = "standard"
     overlap: float = 0.5
-    mpp: float | None = None  # None: the model's recorded mpp (for HD95 in um); neither -> hd95_um None
+    mpp: float | None = None  # of the images; None: the model's data_mpp, else its mpp; none known -> hd95_um None
     watershed: bool = False  # split touching nuclei in the predicted instances
     split_file: Path | None = None
     subset: Literal["all", "train", "val", "test"] = "all"  # with split_file: which images to score
@@ -108,6 +120,14 @@ def _normaliser(stain: dict[str, Any] | None) -> StainNormalizer | None:
     if "target" not in stain:  # only the method recorded: its built-in target
         return make_normalizer(stain["method"], **stain.get("settings", {}))
     return StainNormalizer.from_params({**stain, "source": None})
+
+
+def image_resolution(config: EvaluateConfig, info: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The images' mpp and where it came from: --mpp, else the model's data_mpp, else the model's mpp."""
+    for value, source in ((config.mpp, "--mpp"), (info.get("data_mpp"), "model data_mpp"), (info.get("mpp"), "model mpp")):
+        if value is not None:
+            return float(value), source
+    return None, None
 
 
 def _instance_scores(pred_inst: np.ndarray, true_inst: np.ndarray, glas: bool) -> dict[str, float]:
@@ -219,7 +239,14 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     classes = [str(c) for c in info["classes"]]
     patch_px, input_range = int(info["patch_px"]), tuple(float(v) for v in info["input_range"])
     normaliser = _normaliser(info.get("stain"))
-    mpp = config.mpp if config.mpp is not None else info.get("mpp")
+    model_mpp = info.get("mpp")
+    mpp, mpp_source = image_resolution(config, info)  # the images'
+    resampled = mpp is not None and model_mpp is not None and not same_mpp(mpp, model_mpp)
+    if resampled:
+        log.info("images at %.4g um/px (%s) are predicted at the model's %.4g um/px", mpp, mpp_source, model_mpp)
+        if mpp > model_mpp:
+            log.warning("the images (%.4g um/px) are coarser than the model's %.4g um/px: they are upsampled, "
+                        "which `segment` refuses", mpp, model_mpp)
     items, problems = discover(data_dir)
     items = _select(items, config)
     label = PROTOCOL_LABELS[config.protocol]
@@ -228,8 +255,10 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     if config.protocol == "standard":
         (out_dir / "overlays").mkdir(exist_ok=True)
 
-    def predict(image: np.ndarray, overlap: float) -> np.ndarray:
-        probs = predict_probabilities(model, image, patch_px, overlap, input_range, config.batch_size)
+    def predict(image: np.ndarray, overlap: float, image_mpp: float | None) -> np.ndarray:
+        """Class indices at the image's size, predicted at the model's mpp."""
+        probs = predict_at_mpp(lambda rgb: predict_probabilities(model, rgb, patch_px, overlap, input_range,
+                                                                 config.batch_size), image, image_mpp, model_mpp)
         return np.argmax(probs, axis=0)
 
     rows: list[dict[str, Any]] = []
@@ -244,16 +273,18 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
             log.warning("skipped %s: %s", item.name, exc)
             continue
         if config.protocol == "reference":
+            if resampled:  # patches are cut at the model's resolution
+                image, truth, _ = resample_example((image, truth, None), mpp, model_mpp)
             stride = max(1, patch_px // REFERENCE_STRIDE_DIVISOR)
             corners = [(y, x) for y in range(0, image.shape[0] - patch_px + 1, stride)
                        for x in range(0, image.shape[1] - patch_px + 1, stride)]
             for y, x in corners:
                 window = np.s_[y:y + patch_px, x:x + patch_px]
-                patch_scores.append(_patch_scores(predict(image[window], 0.0), truth[window], len(classes)))
+                patch_scores.append(_patch_scores(predict(image[window], 0.0, None), truth[window], len(classes)))
             rows.append({"name": item.name, "n_patches": len(corners)})
             log.info("%s: %d patch(es) of %d px at stride %d", item.name, len(corners), patch_px, stride)
         else:
-            pred = predict(image, config.overlap)
+            pred = predict(image, config.overlap, mpp)
             row, pred_inst = score_image(pred, truth, true_inst, classes, mpp, config.watershed,
                                          glas=item.instance_path is not None)
             rows.append({"name": item.name} | row)
@@ -285,7 +316,8 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
         "classes": classes, "summary": summary, "per_class": per_class, "problems": problems,
         "gsd_wsi_version": __version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-        | {"mpp_used": mpp, "patch_px": patch_px, "stain": (info.get("stain") or {}).get("method", "none")},
+        | {"mpp_used": mpp, "mpp_source": mpp_source, "model_mpp": model_mpp, "resampled": resampled,
+           "patch_px": patch_px, "stain": (info.get("stain") or {}).get("method", "none")},
     }
     result = _json_safe(result)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")

@@ -6,11 +6,19 @@ Run folder::
     RUN/metrics.jsonl    per epoch: step, epoch, loss, val_dice, lr, img/s
     RUN/curves.png       training loss and validation Dice
     RUN/model/           the best network by validation Dice (safetensors + model.json with the
-                         classes, patch size, mpp, input range and stain normalisation)
+                         classes, patch size, mpp and data_mpp, input range and stain normalisation)
     RUN/last/            the network after the last epoch
 
 Training images are cut into random crops every epoch; validation predicts whole images by
 sliding window, as evaluation does, and keeps the best model by foreground Dice.
+
+With ``train_mpp`` the network learns at that resolution, not the images' own (``mpp``, or
+the one their Aperio XML records): every image is stain-normalised at its own resolution,
+as in `evaluate`, then training images and masks are resampled to ``train_mpp`` (area
+averaging; masks nearest) before cropping, so a ``patch_px`` crop covers ``patch_px *
+train_mpp`` um. Validation goes the way of `evaluate`: the image is brought to ``train_mpp``,
+predicted, and the probabilities brought back, so its Dice is against the original mask at
+the images' own resolution. model.json records ``mpp`` = ``train_mpp`` and ``data_mpp``.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ import numpy as np
 import torch
 
 from gsd_wsi import __version__
-from gsd_wsi.datasets import LabelledImage, discover, label_subset, load_example, read_split_file, split_by_image
+from gsd_wsi.datasets import (LabelledImage, discover, label_subset, load_example, read_split_file, recorded_mpp,
+                              resample_example, split_by_image)
 from gsd_wsi.errors import ConfigError, RunFolderError, StainError
+from gsd_wsi.imageops import predict_at_mpp, same_mpp
 from gsd_wsi.metrics import semantic_scores
 from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.nn.losses import SegmentationLoss
@@ -47,6 +57,7 @@ from gsd_wsi.train.transfer import pretrained_unet_config, segmentation_model_js
 logger = logging.getLogger(__name__)
 
 INPUT_RANGES = {"minus_one_one": (-1.0, 1.0), "zero_one": (0.0, 1.0)}
+DATA_MPP_SPREAD = 0.05  # resolutions recorded by the images that one median may stand for
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,8 @@ class FinetuneConfig:
     adam_beta1: float = 0.5
     adam_beta2: float = 0.999
     input_range: Literal["minus_one_one", "zero_one"] = "minus_one_one"   # zero_one is the reference's
-    mpp: float | None = None                        # resolution of the training images, for `segment`
+    mpp: float | None = None                        # resolution of the training images (um/px)
+    train_mpp: float | None = None                  # train at this resolution (the model's mpp); None: at mpp
     stain: str = "none"                             # normalise every image (fitted per image) to a target
     stain_target: Path | None = None                # image to take the target stains from; None: built-in
     split_file: Path | None = None                  # its test images are never trained on
@@ -90,9 +102,21 @@ class FinetuneConfig:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.patch_px % 16:
             raise ConfigError(f"--patch-px must be a multiple of 16; got {self.patch_px}")
+        for flag, value in (("--mpp", self.mpp), ("--train-mpp", self.train_mpp)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag} must be a positive resolution in um/px; got {value}")
+        if self.mpp is not None and self.train_mpp is not None and self.train_mpp < self.mpp \
+                and not same_mpp(self.train_mpp, self.mpp):
+            raise ConfigError(f"--train-mpp {self.train_mpp} is finer than the training images ({self.mpp} um/px): "
+                              f"that would upsample them; train at {self.mpp} um/px or coarser")
         check_stain_options(self.stain, self.stain_target)
         if self.input_range not in INPUT_RANGES:
             raise ConfigError(f"--input-range must be one of {', '.join(INPUT_RANGES)}; got {self.input_range!r}")
+
+    @property
+    def model_mpp(self) -> float | None:
+        """The resolution the network sees: ``train_mpp``, else the images' own."""
+        return self.train_mpp if self.train_mpp is not None else self.mpp
 
     @property
     def names(self) -> list[str]:
@@ -164,8 +188,34 @@ def stain_normaliser(config: FinetuneConfig) -> StainNormalizer | None:
     return make_normalizer(config.stain, target_rgb)
 
 
-def _load(items: list[LabelledImage], config: FinetuneConfig,
-          normaliser: StainNormalizer | None) -> list[tuple[np.ndarray, np.ndarray]]:
+def with_data_mpp(config: FinetuneConfig, items: list[LabelledImage]) -> tuple[FinetuneConfig, str | None]:
+    """``config`` with ``mpp`` set to the images' resolution where ``train_mpp`` needs it, and its source.
+
+    An explicit ``mpp`` wins; else every image must record one (Aperio XML ``MicronsPerPixel``),
+    all within 5 % of each other (MoNuSeg's span 2.9 %), and their median is taken.
+    """
+    if config.mpp is not None:
+        return config, "--mpp"
+    if config.train_mpp is None:
+        return config, None
+    recorded = {item.name: recorded_mpp(item) for item in items}
+    missing = sorted(name for name, mpp in recorded.items() if mpp is None)
+    if missing:
+        raise ConfigError(f"--train-mpp {config.train_mpp} needs the resolution of the training images, and "
+                          f"{len(missing)} of {len(recorded)} record none (e.g. {missing[0]}); give it with --mpp "
+                          "(MoNuSeg's 40x images: --mpp 0.2527)")
+    low, high = min(recorded.values()), max(recorded.values())  # type: ignore[type-var]
+    if high / low - 1 > DATA_MPP_SPREAD:
+        raise ConfigError(f"the training images record resolutions from {low} to {high} um/px; give the one to "
+                          "train from with --mpp, or train on images of one resolution")
+    mpp = float(np.median(list(recorded.values())))
+    logger.info("training images at %.4g um/px (median of the %d recorded, %.4g-%.4g)", mpp, len(recorded), low, high)
+    return dataclasses.replace(config, mpp=mpp), f"recorded in the annotations (median of {low}-{high})"
+
+
+def _load(items: list[LabelledImage], config: FinetuneConfig, normaliser: StainNormalizer | None,
+          to_mpp: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Images and semantic masks, normalised at their own resolution, then brought to ``to_mpp`` if given."""
     examples = []
     for item in items:
         image, label = load_example(item, config.classes)[:2]
@@ -174,18 +224,29 @@ def _load(items: list[LabelledImage], config: FinetuneConfig,
                 image = normalise_image(normaliser, image)
             except StainError as exc:
                 raise StainError(f"{item.image_path}: {exc}") from exc
+        if to_mpp is not None:
+            assert config.mpp is not None, "with_data_mpp sets mpp wherever train_mpp is set"
+            image, label, _ = resample_example((image, label, None), config.mpp, to_mpp)
         examples.append((image, label))
     return examples
 
 
 def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
                     device: torch.device) -> float:
-    """Mean over images of the foreground-mean Dice of whole-image sliding-window predictions."""
+    """Mean over images of the foreground-mean Dice of whole-image sliding-window predictions.
+
+    The images are at ``config.mpp``; each is predicted at ``config.model_mpp`` and scored at
+    its own resolution, as `evaluate` does.
+    """
     model.eval()
+
+    def predict(image: np.ndarray) -> np.ndarray:
+        return predict_probabilities(model, image, config.patch_px, 0.5, INPUT_RANGES[config.input_range],
+                                     config.batch_size, device)
+
     scores = []
     for image, label in examples:
-        probabilities = predict_probabilities(model, image, config.patch_px, 0.5, INPUT_RANGES[config.input_range],
-                                              config.batch_size, device)
+        probabilities = predict_at_mpp(predict, image, config.mpp, config.model_mpp)
         scores.append(semantic_scores(probabilities.argmax(0), label, config.classes)["foreground_mean"]["dice"])
     defined = [score for score in scores if not math.isnan(score)]  # NaN: no foreground in image or prediction
     return float(np.mean(defined)) if defined else math.nan
@@ -206,13 +267,16 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     model, provenance = segmentation_unet(pretrained, config.classes, base, config.patch_px)
     model = model.to(device)
     splits, problems = _splits(data_dir, config)
+    config, data_mpp_source = with_data_mpp(config, splits["train"] + splits["val"])
     normaliser = stain_normaliser(config)
-    train, val = _load(splits["train"], config, normaliser), _load(splits["val"], config, normaliser)
+    # training crops at the model's resolution; validation images at their own, scored as `evaluate` does
+    train, val = _load(splits["train"], config, normaliser, config.train_mpp), _load(splits["val"], config, normaliser)
     # what `evaluate` and `segment` reproduce: the method, its settings and target, no source
     stain_record = {"method": "none"} if normaliser is None else {**normaliser.params, "source": None}
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(run_dir / "config.json", {
-        "finetune": config.to_dict(), "data": str(data_dir), "pretrained": provenance, "problems": problems,
+        "finetune": config.to_dict(), "data": str(data_dir), "data_mpp_source": data_mpp_source,
+        "pretrained": provenance, "problems": problems,
         "split": {k: [i.name for i in v] for k, v in splits.items()}, "gsd_wsi_version": __version__})
     (run_dir / "metrics.jsonl").write_text("")
     loader = torch.utils.data.DataLoader(CropDataset(train, config), batch_size=config.batch_size, shuffle=True,
@@ -220,9 +284,9 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
                                          num_workers=config.num_workers, worker_init_fn=_worker_seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
     loss_fn = SegmentationLoss(config.loss, config.ss_variant)
-    model_json = segmentation_model_json(model, config.names, config.patch_px, config.mpp,
+    model_json = segmentation_model_json(model, config.names, config.patch_px, config.model_mpp,
                                          INPUT_RANGES[config.input_range], stain_record,
-                                         {"finetune": config.to_dict(), "pretrained": provenance})
+                                         {"finetune": config.to_dict(), "pretrained": provenance}, data_mpp=config.mpp)
     logger.info("fine-tuning on %d images (%d validation, %d test held out), %s", len(train), len(val),
                 len(splits["test"]), f"from {provenance['pretrained']}" if pretrained else "from scratch")
     total = config.epochs * len(loader)

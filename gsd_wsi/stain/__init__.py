@@ -36,6 +36,7 @@ __all__ = [
     "VahadaneNormalizer",
     "builtin_target",
     "make_normalizer",
+    "recorded_normaliser",
 ]
 
 
@@ -110,6 +111,16 @@ def normalise_image(normaliser: StainNormalizer, rgb: np.ndarray) -> np.ndarray:
     labelled images are (slides are fitted once from tiles across them). The float map is
     cheaper than building the 2**24 lookup table below 16 Mpx."""
     return normaliser.fit_source(rgb).transform(rgb, use_lut=rgb.size // 3 > 1 << 24)
+
+
+def recorded_normaliser(record: dict[str, Any] | None) -> StainNormalizer | None:
+    """The normaliser a model recorded (method, settings, target; no source, which is fitted
+    on each image or slide it is applied to), or None for "none"."""
+    if not record or record.get("method", "none") == "none":
+        return None
+    if "target" not in record:  # only the method recorded: its built-in target
+        return make_normalizer(record["method"], **record.get("settings", {}))
+    return StainNormalizer.from_params({**record, "source": None})
 
 
 def make_normalizer(

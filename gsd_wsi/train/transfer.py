@@ -80,12 +80,18 @@ SEGMENTATION_KIND = "gsd-wsi segmentation U-Net"
 
 
 def segmentation_model_json(model: UNet, class_names: list[str], patch_px: int, mpp: float | None,
-                            input_range: tuple[float, float], stain: dict[str, Any], extra: dict[str, Any]) -> dict:
-    """What `evaluate` and `segment` need to reproduce the preprocessing without flags."""
+                            input_range: tuple[float, float], stain: dict[str, Any], extra: dict[str, Any],
+                            data_mpp: float | None = None) -> dict:
+    """What `evaluate` and `segment` need to reproduce the preprocessing without flags.
+
+    ``mpp`` is the resolution the network works at; ``data_mpp`` that of the images it was
+    trained from (they differ after `finetune --train-mpp`), `evaluate`'s default for its images.
+    """
     if len(class_names) != model.config.out_channels:
         raise ConfigError(f"{len(class_names)} class names for a {model.config.out_channels}-class network")
     return {"kind": SEGMENTATION_KIND, "model": model.config.to_dict(), "classes": list(class_names),
-            "patch_px": patch_px, "mpp": mpp, "input_range": list(input_range), "stain": stain} | extra
+            "patch_px": patch_px, "mpp": mpp, "data_mpp": data_mpp, "input_range": list(input_range),
+            "stain": stain} | extra
 
 
 def load_segmentation_model(path: Path) -> tuple[UNet, dict[str, Any]]:

@@ -1,0 +1,297 @@
+"""`gsd-wsi segment`, one slide: tissue -> windows -> network -> stitched bands -> mask pyramids.
+
+Per slide, into ``OUT/<slide_id>/`` (built under a temporary name, renamed when complete):
+
+    mask.ome.zarr   OME-NGFF 0.4 image-label pyramid (with --probabilities, probabilities/)
+    mask.tiff       tiled pyramidal palette TIFF (OpenSlide, QuPath, ASAP open every level)
+    mask.geojson    one QuPath annotation per connected region of each class
+    overlay.png     the thumbnail with the mask coloured over it
+    summary.json    areas, counts, timings, the settings, the model and the version
+
+The preprocessing comes from the model (its mpp, window, input range, stain method and
+target); the stain source is fitted once per slide. Windows cover tissue only (plus a
+margin), are read in threads ahead of the network and blended into row bands that go to
+disk as they are finished, so memory depends on the slide's width, not its area.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gsd_wsi import __version__
+from gsd_wsi.atomic import atomic_write_text, replace_dir, temporary_sibling
+from gsd_wsi.errors import OutputError
+from gsd_wsi.manifest import SlideInput, collect_inputs, default_slide_id
+from gsd_wsi.masks import (
+    LabelPyramidWriter, class_colors, label_levels, open_label_level, render_overlay, write_geojson,
+    write_pyramidal_tiff,
+)
+from gsd_wsi.progress import NullProgress, Progress
+from gsd_wsi.qc import save_png
+from gsd_wsi.slide import Slide, open_slide
+from gsd_wsi.stages.batch import BatchRun, Status
+from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash
+from gsd_wsi.stages.segment_model import SegmentationModel, load_segmentation_model
+from gsd_wsi.stages.segment_windows import MaskFrame, WindowReader, mask_frame, plan_windows
+from gsd_wsi.stain import StainNormalizer
+from gsd_wsi.stitch import BandStitcher, stride_for_overlap
+from gsd_wsi.tissue import detect_tissue
+
+logger = logging.getLogger(__name__)
+
+MASK_ZARR, MASK_TIFF, MASK_GEOJSON, OVERLAY_PNG, SUMMARY_JSON = (
+    "mask.ome.zarr", "mask.tiff", "mask.geojson", "overlay.png", "summary.json")
+_OVERLAY_LONG_SIDE_PX = 1600
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    slide_id: str
+    path: Path
+    status: Status
+    seconds: float = 0.0
+    error: str = ""
+    n_windows: int = 0
+    tissue_mm2: float = 0.0
+    class_mm2: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, item: SlideInput, error: str) -> SegmentResult:
+        return cls(item.slide_id, item.path, "failed", error=error)
+
+    def summary_row(self) -> dict[str, Any]:
+        return {"slide_id": self.slide_id, "path": str(self.path), "status": self.status,
+                "tissue_mm2": f"{self.tissue_mm2:.4f}",
+                **{f"{name}_mm2": f"{area:.4f}" for name, area in self.class_mm2.items()},
+                "n_windows": self.n_windows, "seconds": f"{self.seconds:.2f}", "error": self.error}
+
+    def describe(self) -> str:
+        areas = ", ".join(f"{name} {area:.3g} mm^2" for name, area in self.class_mm2.items())
+        return f"{self.n_windows} windows" + (f", {areas}" if areas else "")
+
+
+def read_summary(slide_dir: Path) -> dict[str, Any] | None:
+    """A finished slide's summary.json, or None."""
+    try:
+        return json.loads((Path(slide_dir) / SUMMARY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class _BandSink:
+    """Receives stitched bands: argmax, background outside tissue, areas, then to disk."""
+
+    def __init__(self, writer: LabelPyramidWriter, frame: MaskFrame, tissue: np.ndarray,
+                 thumb_scale_xy: tuple[float, float], n_classes: int, probabilities: bool) -> None:
+        self.writer, self.n_classes, self.probabilities = writer, n_classes, probabilities
+        self.tissue = tissue
+        sx, sy = thumb_scale_xy
+        d = frame.downsample
+        # tissue pixel under each mask pixel's centre
+        self._cols = np.minimum(((np.arange(frame.width_px) + 0.5) * d / sx).astype(np.int64), tissue.shape[1] - 1)
+        self._row_scale = d / sy
+        self.counts = np.zeros(n_classes, np.int64)
+        self.seconds = 0.0
+
+    def __call__(self, y0: int, blended: np.ndarray, weight: np.ndarray) -> None:
+        started = time.perf_counter()
+        rows = blended.shape[1]
+        thumb_rows = np.minimum(((np.arange(y0, y0 + rows) + 0.5) * self._row_scale).astype(np.int64),
+                                self.tissue.shape[0] - 1)
+        inside = self.tissue[thumb_rows[:, None], self._cols[None, :]] & (weight > 0)
+        labels = np.argmax(blended, axis=0).astype(np.uint8)
+        labels[~inside] = 0
+        self.counts += np.bincount(labels.ravel(), minlength=self.n_classes)[: self.n_classes]
+        probs = None
+        if self.probabilities:
+            probs = np.rint(blended * 255.0).astype(np.uint8)
+            probs[:, ~inside] = 0
+            probs[0][~inside] = 255
+        self.writer.write_band(y0, labels, probs)
+        self.seconds += time.perf_counter() - started
+
+
+def _fit_stains(reader: WindowReader, normaliser: StainNormalizer, mask_xy: np.ndarray, own_tissue: np.ndarray,
+                n_sample: int) -> StainNormalizer:
+    """The slide's source stains, fitted ONCE from windows spread across its tissue."""
+    if normaliser.method == "none" or not len(mask_xy):
+        return normaliser
+    candidates = np.flatnonzero(own_tissue >= 0.5)
+    if not len(candidates):
+        candidates = np.flatnonzero(own_tissue > 0)
+    picks = candidates[np.unique(np.linspace(0, len(candidates) - 1, min(n_sample, len(candidates))).round().astype(int))]
+    return normaliser.fit_source(reader.read(mask_xy[picks], normalise=False))
+
+
+def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path, out_dir: str | Path,
+                  config: SegmentConfig = SegmentConfig(), slide_id: str | None = None, slide_mpp: float | None = None,
+                  overwrite: bool = False, progress: Progress | None = None) -> SegmentResult:
+    """Segment one slide into ``out_dir/<slide_id>/``; returns its result (raises on failure).
+
+    ``model`` is a loaded :class:`SegmentationModel` or the folder `gsd-wsi finetune` wrote.
+    A finished output with the same settings hash (model included) is kept (``skipped``); one
+    made with another model or other settings is refused unless ``overwrite``.
+    """
+    started = time.perf_counter()
+    slide_path, out_dir = Path(slide_path), Path(out_dir)
+    slide_id = slide_id or default_slide_id(slide_path)
+    progress = progress or NullProgress()
+    if not isinstance(model, SegmentationModel):
+        model = load_segmentation_model(model, device=config.device)
+    assert model.mpp is not None
+    final_dir = out_dir / slide_id
+    with open_slide(slide_path, mpp=slide_mpp, backend=config.backend) as slide:  # type: ignore[arg-type]
+        digest = segment_settings_hash(config, model.digest, slide.mpp, slide_path.stat().st_size)
+        existing = read_summary(final_dir)
+        if final_dir.exists() and not overwrite:
+            if existing is not None and existing.get("settings_hash") == digest:
+                return SegmentResult(slide_id, slide_path, "skipped", n_windows=int(existing.get("n_windows", 0)),
+                                     tissue_mm2=float(existing.get("tissue_mm2", 0.0)),
+                                     class_mm2=dict(existing.get("class_mm2", {})))
+            what = "another model or other settings" if existing is not None else "files not made by segment"
+            raise OutputError(f"{final_dir} holds {what}; use --overwrite to replace it, or another -o")
+        frame = mask_frame(slide, model.mpp)
+        thumb, thumb_scale = slide.thumbnail(config.tissue.thumb_mpp)
+        thumb_mpp_xy = (slide.mpp * thumb_scale[0], slide.mpp * thumb_scale[1])
+        tissue = detect_tissue(thumb, (thumb_mpp_xy[0] + thumb_mpp_xy[1]) / 2, config.tissue)
+        stride = stride_for_overlap(model.patch_px, config.overlap)
+        mask_xy, own_tissue = plan_windows(frame, tissue, thumb_scale, model.patch_px, stride,
+                                           config.tissue_margin_windows)
+        tmp_dir = temporary_sibling(final_dir)
+        tmp_dir.mkdir(parents=True)
+        try:
+            reader = WindowReader(slide_path, slide.mpp, slide.backend, frame, model.patch_px, model.normaliser(),
+                                  config.workers)
+            try:
+                reader.normaliser = _fit_stains(reader, reader.normaliser, mask_xy, own_tissue,
+                                                config.stain_sample_windows)
+                progress.slide_started(slide_id, len(mask_xy))
+                timing = _infer(reader, model, frame, tissue, thumb_scale, mask_xy, config, tmp_dir, progress)
+            finally:
+                reader.close()
+            summary = _write_outputs(slide, slide_path, slide_id, model, frame, thumb, tissue, thumb_mpp_xy,
+                                     mask_xy, config, digest, tmp_dir, timing, started)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+    replace_dir(tmp_dir, final_dir)
+    status: Status = "ok" if len(mask_xy) else "no_tissue"
+    if status == "no_tissue":
+        logger.warning("%s: no tissue found; wrote an empty mask", slide_id)
+    return SegmentResult(slide_id, slide_path, status, time.perf_counter() - started, n_windows=len(mask_xy),
+                         tissue_mm2=summary["tissue_mm2"], class_mm2=summary["class_mm2"])
+
+
+def _infer(reader: WindowReader, model: SegmentationModel, frame: MaskFrame, tissue: np.ndarray,
+           thumb_scale: tuple[float, float], mask_xy: np.ndarray, config: SegmentConfig, tmp_dir: Path,
+           progress: Progress) -> dict[str, float]:
+    """Windows through the network into the stitcher, bands to the zarr pyramid's level 0."""
+    colors = class_colors(model.n_classes)
+    writer = LabelPyramidWriter(tmp_dir / MASK_ZARR, frame.width_px, frame.height_px, frame.mpp, model.classes, colors,
+                                band_px=config.band_px,
+                                n_probability_channels=model.n_classes if config.probabilities else None,
+                                metadata={"frame": frame.to_dict(), "model": str(model.folder),
+                                          "model_digest": model.digest, "gsd_wsi_version": __version__})
+    sink = _BandSink(writer, frame, tissue, thumb_scale, model.n_classes, config.probabilities)
+    stitcher = BandStitcher(frame.width_px, frame.height_px, model.n_classes, model.patch_px, sink,
+                            band_px=config.band_px, weights=config.weights)
+    wait_s = network_s = stitch_s = 0.0
+    t0 = time.perf_counter()
+    mark = t0
+    for xy, windows in reader.batches(mask_xy, config.batch_size):
+        now = time.perf_counter()
+        wait_s += now - mark
+        probabilities = model.predict(windows)
+        mark = time.perf_counter()
+        network_s += mark - now
+        before = sink.seconds
+        stitcher.add_batch(probabilities, xy)
+        stitch_s += time.perf_counter() - mark - (sink.seconds - before)
+        mark = time.perf_counter()
+        progress.tiles_done(len(xy))
+    stitcher.finish()
+    info = writer.finish()
+    total = time.perf_counter() - t0
+    return {"inference_s": total, "network_s": network_s, "reader_wait_s": wait_s, "stitch_s": stitch_s,
+            "band_write_s": sink.seconds, "reader_busy_s": reader.read_seconds,
+            "class_px": sink.counts.tolist(), "levels": [list(s) for s in info.level_shapes]}  # type: ignore[dict-item]
+
+
+def _write_outputs(slide: Slide, slide_path: Path, slide_id: str, model: SegmentationModel, frame: MaskFrame,
+                   thumb: np.ndarray, tissue: np.ndarray, thumb_mpp_xy: tuple[float, float], mask_xy: np.ndarray,
+                   config: SegmentConfig, digest: str, tmp_dir: Path, timing: dict[str, Any],
+                   started: float) -> dict[str, Any]:
+    colors = class_colors(model.n_classes)
+    zarr_path = tmp_dir / MASK_ZARR
+    t0 = time.perf_counter()
+    write_pyramidal_tiff(zarr_path, tmp_dir / MASK_TIFF, frame.mpp, colors, tile_px=config.tiff_tile_px)
+    t1 = time.perf_counter()
+    features = write_geojson(zarr_path, tmp_dir / MASK_GEOJSON, model.classes, colors, frame.mpp, frame.downsample,
+                             slide.bounds_l0_xy, config.min_area_um2, config.geojson_chunk_px)
+    t2 = time.perf_counter()
+    _write_overlay(slide, thumb, zarr_path, model, colors, tmp_dir / OVERLAY_PNG, slide_id, digest)
+    t3 = time.perf_counter()
+    px_mm2 = (frame.mpp / 1000.0) ** 2
+    class_mm2 = {name: float(n) * px_mm2 for name, n in zip(model.classes[1:], timing.pop("class_px")[1:])}
+    tissue_mm2 = float(tissue.sum()) * thumb_mpp_xy[0] * thumb_mpp_xy[1] / 1e6
+    tissue_mpx = tissue_mm2 / px_mm2 / 1e6
+    seconds = time.perf_counter() - started
+    inference_s = timing["inference_s"]
+    summary = {
+        "slide_id": slide_id, "slide": {"path": str(slide_path.resolve()), "mpp": slide.mpp,
+                                        "dimensions": list(slide.dimensions), "bounds_l0_xy": list(slide.bounds_l0_xy),
+                                        "reader": slide.backend},
+        "model": {"path": str(model.folder.resolve()), "digest": model.digest, "classes": model.classes,
+                  "mpp": model.mpp, "patch_px": model.patch_px, "input_range": list(model.input_range),
+                  "stain": model.stain.get("method", "none")},
+        "mask": frame.to_dict() | {"levels": timing.pop("levels")},
+        "class_mm2": class_mm2, "tissue_mm2": tissue_mm2, "n_windows": len(mask_xy),
+        "geojson": features,
+        "seconds": seconds, "windows_per_s": len(mask_xy) / inference_s if inference_s > 0 else None,
+        "tissue_mpx_per_s": tissue_mpx / seconds if seconds > 0 else None,
+        "timing_s": timing | {"tiff_s": t1 - t0, "geojson_s": t2 - t1, "overlay_s": t3 - t2},
+        "device": str(model.device), "settings": config.to_dict(), "settings_hash": digest,
+        "gsd_wsi_version": __version__, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(tmp_dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_overlay(slide: Slide, thumb: np.ndarray, zarr_path: Path, model: SegmentationModel,
+                   colors: list[tuple[int, int, int]], path: Path, slide_id: str, digest: str) -> None:
+    """The thumbnail (about 1600 px long) with the mask over it, from the pyramid level nearest its size."""
+    l0_w, l0_h = slide.dimensions
+    qc_mpp = max(slide.mpp, max(l0_w, l0_h) * slide.mpp / _OVERLAY_LONG_SIDE_PX)
+    picture = thumb if max(thumb.shape[:2]) >= _OVERLAY_LONG_SIDE_PX * 0.9 else slide.thumbnail(qc_mpp)[0]
+    levels = label_levels(zarr_path)
+    level = max((k for k, (h, w) in enumerate(levels) if max(h, w) >= max(picture.shape[:2])), default=0)
+    labels = np.asarray(open_label_level(zarr_path, level)[:])
+    text = {"Software": f"gsd-wsi {__version__}", "slide_id": slide_id, "settings_hash": digest, "model": str(model.folder)}
+    save_png(path, render_overlay(picture, labels, model.classes, colors), text)
+
+
+def run_segment(sources: list[str | Path], out_dir: str | Path, model: str | Path | SegmentationModel,
+                config: SegmentConfig = SegmentConfig(), overwrite: bool = False, slide_mpp: float | None = None,
+                progress: Progress | None = None) -> list[SegmentResult]:
+    """Segment every slide in ``sources`` (files, folders, CSV manifests) into ``out_dir``.
+
+    The model is loaded once. Returns one result per input, in input order; a slide's
+    failure is recorded in its result and in ``OUT/segment_summary.csv``, never raised.
+    """
+    loaded = model if isinstance(model, SegmentationModel) else load_segmentation_model(model, device=config.device)
+    inputs = collect_inputs(list(sources), slide_mpp)
+    logger.info("segmenting %d slide(s) with %s (%s, %g um/px, %d-px windows) on %s", len(inputs), loaded.folder,
+                "/".join(loaded.classes), loaded.mpp, loaded.patch_px, loaded.device)
+    with BatchRun(Path(out_dir), inputs, "segment", SegmentResult.failed, progress) as batch:
+        batch.run_each(lambda item: segment_slide(item.path, loaded, out_dir, config, item.slide_id, item.mpp,
+                                                  overwrite, progress))
+    return batch.results  # type: ignore[return-value]
