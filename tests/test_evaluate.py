@@ -20,6 +20,7 @@ from gsd_wsi.errors import ConfigError
 from gsd_wsi.metrics import hd95
 from gsd_wsi.nn.unet import unet_config
 from gsd_wsi.stages.evaluate import EvaluateConfig, run_evaluate, score_image
+from gsd_wsi.stain import recorded_normaliser
 from gsd_wsi.train.checkpoint import save_checkpoint
 from gsd_wsi.train.transfer import segmentation_model_json, segmentation_unet
 
@@ -209,9 +210,9 @@ def test_stain_target_recorded_source_fitted_per_image(dataset: Path, tmp_path: 
     from gsd_wsi.stain import make_normalizer
 
     params = make_normalizer("macenko").params
-    normaliser = evaluate_module._normaliser(params)
+    normaliser = recorded_normaliser(params)
     assert normaliser is not None and not normaliser.is_fitted and normaliser.params["target"] == params["target"]
-    assert evaluate_module._normaliser({"method": "none"}) is None
+    assert recorded_normaliser({"method": "none"}) is None
     rng = np.random.default_rng(0)
     tissue = rng.integers(40, 180, (64, 64, 3), dtype=np.uint8)
     assert normaliser.fit_source(tissue).transform(tissue, use_lut=False).shape == tissue.shape

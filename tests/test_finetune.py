@@ -14,7 +14,8 @@ from gsd_wsi.cli.main import app
 from gsd_wsi.datasets import DatasetError
 from gsd_wsi.errors import ConfigError, RunFolderError, StainError
 from gsd_wsi.stages.finetune import FinetuneConfig, run_finetune
-from gsd_wsi.train.transfer import load_segmentation_model
+from gsd_wsi.stain import recorded_normaliser
+from gsd_wsi.train.transfer import load_segmentation_network
 
 FAST = dict(model="tiny", init="pytorch", epochs=6, batch_size=4, patch_px=32, crops_per_image=4, lr=2e-3,
             val_fraction=0.25, seed=0)
@@ -44,7 +45,7 @@ def test_learns_a_toy_task_and_records_preprocessing(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
     assert max(r["val_dice"] for r in rows) > 0.6
-    model, info = load_segmentation_model(tmp_path / "run")
+    model, info = load_segmentation_network(tmp_path / "run")
     assert info["classes"] == ["background", "class_1"] and info["patch_px"] == 32 and info["mpp"] == 0.25
     assert info["input_range"] == [-1.0, 1.0] and info["stain"] == {"method": "none"}
     assert info["val_dice"] == max(r["val_dice"] for r in rows)  # the best epoch is the one kept
@@ -84,7 +85,7 @@ def test_cli(tmp_path: Path, pretrained_run: Path) -> None:
         "--epochs", "1", "--batch-size", "4", "--patch-px", "32", "--crops-per-image", "2", "--class-names",
         "background,nucleus"])
     assert result.exit_code == 0, result.output
-    _, info = load_segmentation_model(tmp_path / "run")
+    _, info = load_segmentation_network(tmp_path / "run")
     assert info["classes"] == ["background", "nucleus"]
     bad = CliRunner().invoke(app, ["finetune", str(data), "-o", str(tmp_path / "run4"), "--pretrained", "none",
                                    "--classes", "2", "--model", "tiny", "--patch-px", "32", "--label-fraction", "0"])
@@ -103,17 +104,16 @@ def test_model_is_kept_when_validation_dice_is_undefined(tmp_path: Path) -> None
 @pytest.mark.parametrize("method", ["reinhard", "macenko"])
 def test_stain_normalisation_is_applied_and_recorded_for_segment(tmp_path: Path, method: str) -> None:
     """Training images go through the normaliser; the model records its target, not a source."""
-    from gsd_wsi.stages.evaluate import _normaliser
     from gsd_wsi.stages.finetune import stain_normaliser
 
     data = _toy_dataset(tmp_path / "data", background=(170, 100, 150))  # stained everywhere, as tissue is
     config = FinetuneConfig(**FAST | {"epochs": 1, "stain": method})
     run_finetune(data, tmp_path / "run", config, pretrained=None)
-    _, info = load_segmentation_model(tmp_path / "run")
+    _, info = load_segmentation_network(tmp_path / "run")
     assert info["stain"]["method"] == method and info["stain"]["source"] is None
     assert info["stain"]["target"] == stain_normaliser(config).params["target"]
     image = np.asarray(Image.open(data / "images" / "im0.png"))
-    restored = _normaliser(info["stain"])  # what evaluate (and segment) rebuild from the record
+    restored = recorded_normaliser(info["stain"])  # what evaluate (and segment) rebuild from the record
     expected = stain_normaliser(config).fit_source(image).transform(image, use_lut=False)
     assert np.array_equal(restored.fit_source(image).transform(image, use_lut=False), expected)
     assert not np.array_equal(expected, image)
@@ -143,7 +143,7 @@ def test_train_mpp_resamples_before_cropping_and_records_both_resolutions(tmp_pa
         "--init", "pytorch", "--epochs", "1", "--batch-size", "4", "--patch-px", "16", "--crops-per-image", "2",
         "--mpp", "0.25", "--train-mpp", "0.5"])
     assert result.exit_code == 0, result.output
-    _, info = load_segmentation_model(tmp_path / "run")
+    _, info = load_segmentation_network(tmp_path / "run")
     assert info["mpp"] == 0.5 and info["data_mpp"] == 0.25 and info["patch_px"] == 16
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["finetune"]["train_mpp"] == 0.5 and saved["finetune"]["mpp"] == 0.25
@@ -189,7 +189,7 @@ def test_train_mpp_takes_the_resolution_aperio_xml_records(tmp_path: Path) -> No
             "</Vertices></Region></Regions></Annotation></Annotations>")
     run_finetune(root, tmp_path / "run", FinetuneConfig(**FAST | {"epochs": 1, "patch_px": 16, "train_mpp": 0.5}),
                  pretrained=None)
-    _, info = load_segmentation_model(tmp_path / "run")
+    _, info = load_segmentation_network(tmp_path / "run")
     assert info["mpp"] == 0.5 and info["data_mpp"] == pytest.approx(0.252)  # median of the three recorded
     assert "annotations" in json.loads((tmp_path / "run" / "config.json").read_text())["data_mpp_source"]
     from gsd_wsi.datasets import discover

@@ -43,8 +43,8 @@ from scipy.sparse.csgraph import connected_components
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry import shape as to_shapely
 
-from gsd_wsi.atomic import temporary_sibling
-from gsd_wsi.errors import ConfigError, MaskWriteError
+from gsd_wsi.errors import ConfigError
+from gsd_wsi.masks.files import atomic_output
 from gsd_wsi.masks.omezarr import open_label_level
 from gsd_wsi.masks.palette import check_class_names, check_colors
 
@@ -82,22 +82,13 @@ def write_geojson(
     sink = _FeatureSink(names, colours, mpp, slide_downsample, offset_l0_xy, min_area_um2, object_type)
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(out_path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            sink.start(fh)
-            for value, region in _regions(open_label_level(Path(zarr_path), 0), chunk_px, len(names)):
-                sink.add(value, region)
-            sink.end()
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out_path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, MaskWriteError):
-            raise MaskWriteError(f"cannot write {out_path}: {exc}") from exc
-        raise
+    with atomic_output(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        sink.start(fh)
+        for value, region in _regions(open_label_level(Path(zarr_path), 0), chunk_px, len(names)):
+            sink.add(value, region)
+        sink.end()
+        fh.flush()
+        os.fsync(fh.fileno())
     summary = sink.summary()
     log.info("GeoJSON %s: %d features (%d below %.3g um^2 left out)", out_path.name,
              sum(int(s["features"]) for s in summary.values()), sum(int(s["dropped"]) for s in summary.values()),

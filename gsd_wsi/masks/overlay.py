@@ -49,12 +49,12 @@ def render_overlay(
     lut = np.zeros((256, 3), dtype=np.float32)
     lut[: len(colours)] = colours
     foreground = labels > 0
-    out = rgb.astype(np.float32)
-    out[foreground] = (1.0 - alpha) * out[foreground] + alpha * lut[labels[foreground]]
+    picture = np.array(rgb, dtype=np.uint8)  # blended in float only where there is a class
+    blended = (1.0 - alpha) * picture[foreground] + alpha * lut[labels[foreground]]
+    picture[foreground] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     if outline:
         border = _borders(labels)
-        out[border] = lut[labels[border]]
-    picture = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        picture[border] = lut[labels[border]].astype(np.uint8)
     shares = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
     _legend(picture, [(names[i], colours[i], float(shares[i])) for i in range(1, len(names))])
     log.debug("overlay %s, %.1f%% foreground", picture.shape, 100.0 * foreground.mean())
@@ -76,7 +76,7 @@ def _legend(picture: np.ndarray, entries: list[tuple[str, tuple[int, int, int], 
         return
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
-    size = max(10, picture.shape[1] // 80)  # legible at any picture size
+    size = max(12, picture.shape[1] // 50)  # legible at any picture size
     font = ImageFont.load_default(size=size)
     pad, line = 4, size + 4
     texts = [f"{name} ({100.0 * share:.1f}%)" for name, _, share in entries]

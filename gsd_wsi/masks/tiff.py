@@ -22,7 +22,6 @@ tiles for tifffile, so memory stays at one band whatever the slide size.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -31,8 +30,8 @@ import tifffile
 import zarr
 
 from gsd_wsi import __version__
-from gsd_wsi.atomic import temporary_sibling
-from gsd_wsi.errors import ConfigError, MaskWriteError
+from gsd_wsi.errors import ConfigError
+from gsd_wsi.masks.files import atomic_output
 from gsd_wsi.masks.omezarr import open_label_level, read_pyramid_info
 from gsd_wsi.masks.palette import check_colors
 
@@ -85,24 +84,15 @@ def write_pyramidal_tiff(
     raw_bytes = sum(h * w for h, w in shapes)
 
     tiff_path = Path(tiff_path)
-    tiff_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(tiff_path)
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=raw_bytes > _BIGTIFF_BYTES) as writer:
-            for k, shape in enumerate(shapes):
-                px_per_cm = 1e4 / (mpp * 2**k)
-                writer.write(
-                    _level_tiles(open_label_level(Path(zarr_path), k), tile_px), shape=shape, dtype=np.uint8,
-                    tile=(tile_px, tile_px), photometric="palette", colormap=colormap, compression=COMPRESSION,
-                    subfiletype=0 if k == 0 else 1, resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
-                    description=description if k == 0 else None, software=f"gsd-wsi {__version__}",
-                    metadata=None, maxworkers=1,  # one encoder thread: tifffile would buffer batches of tiles
-                )
-        os.replace(tmp, tiff_path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, MaskWriteError):
-            raise MaskWriteError(f"cannot write {tiff_path}: {exc}") from exc
-        raise
+    with atomic_output(tiff_path) as tmp, tifffile.TiffWriter(tmp, bigtiff=raw_bytes > _BIGTIFF_BYTES) as writer:
+        for k, shape in enumerate(shapes):
+            px_per_cm = 1e4 / (mpp * 2**k)
+            writer.write(
+                _level_tiles(open_label_level(Path(zarr_path), k), tile_px), shape=shape, dtype=np.uint8,
+                tile=(tile_px, tile_px), photometric="palette", colormap=colormap, compression=COMPRESSION,
+                subfiletype=0 if k == 0 else 1, resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
+                description=description if k == 0 else None, software=f"gsd-wsi {__version__}",
+                metadata=None, maxworkers=1,  # one encoder thread: tifffile would buffer batches of tiles
+            )
     log.info("mask TIFF %s: %d levels, level 0 %dx%d px", tiff_path.name, len(shapes), shapes[0][1], shapes[0][0])
     return shapes

@@ -132,6 +132,13 @@ class Slide(ABC):
             out[t0:t1] = resize_rgb(band, (thumb_w, t1 - t0))
         return out
 
+    def limit_cache(self, max_bytes: int) -> None:
+        """Bound the memory a backend spends on decoded tiles (no-op for backends without a cache)."""
+
+    def file_tile_px(self, level: int) -> tuple[int, int] | None:
+        """(width, height) of the file's own tiles at ``level``, where the backend knows them."""
+        return None
+
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
         """Release file handles. Safe to call twice."""

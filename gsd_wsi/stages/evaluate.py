@@ -50,15 +50,31 @@ from skimage.segmentation import find_boundaries
 
 from gsd_wsi import __version__
 from gsd_wsi.atomic import atomic_write_text
-from gsd_wsi.datasets import DatasetError, LabelledImage, discover, load_example, read_split_file, resample_example
+from gsd_wsi.datasets import (
+    DatasetError,
+    LabelledImage,
+    discover,
+    load_example,
+    read_split_file,
+    resample_example,
+)
 from gsd_wsi.errors import ConfigError, GsdWsiError
 from gsd_wsi.imageops import predict_at_mpp, same_mpp
-from gsd_wsi.metrics import (aji, confusion, glas_object_dice, glas_object_f1, glas_object_hausdorff,
-                             label_instances, object_f1, panoptic_quality, semantic_scores)
+from gsd_wsi.metrics import (
+    aji,
+    confusion,
+    glas_object_dice,
+    glas_object_f1,
+    glas_object_hausdorff,
+    label_instances,
+    object_f1,
+    panoptic_quality,
+    semantic_scores,
+)
 from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.qc import save_png
-from gsd_wsi.stain import StainNormalizer, make_normalizer, normalise_image
-from gsd_wsi.train.transfer import load_segmentation_model
+from gsd_wsi.stain import normalise_image, recorded_normaliser
+from gsd_wsi.train.transfer import load_segmentation_network
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +127,6 @@ def _select(items: list[LabelledImage], config: EvaluateConfig) -> list[Labelled
     if not chosen:
         raise ConfigError(f"{config.split_file}: no image in subset {config.subset!r}")
     return chosen
-
-
-def _normaliser(stain: dict[str, Any] | None) -> StainNormalizer | None:
-    """The recorded normaliser with its target and no source (fitted per image), or None."""
-    if not stain or stain.get("method", "none") == "none":
-        return None
-    if "target" not in stain:  # only the method recorded: its built-in target
-        return make_normalizer(stain["method"], **stain.get("settings", {}))
-    return StainNormalizer.from_params({**stain, "source": None})
 
 
 def image_resolution(config: EvaluateConfig, info: dict[str, Any]) -> tuple[float | None, str | None]:
@@ -235,10 +242,10 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     ``progress(done, total, name)`` is called after each image when given.
     """
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
-    model, info = load_segmentation_model(model_dir)
+    model, info = load_segmentation_network(model_dir)
     classes = [str(c) for c in info["classes"]]
     patch_px, input_range = int(info["patch_px"]), tuple(float(v) for v in info["input_range"])
-    normaliser = _normaliser(info.get("stain"))
+    normaliser = recorded_normaliser(info.get("stain"))
     model_mpp = info.get("mpp")
     mpp, mpp_source = image_resolution(config, info)  # the images'
     resampled = mpp is not None and model_mpp is not None and not same_mpp(mpp, model_mpp)

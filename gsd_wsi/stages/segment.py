@@ -16,6 +16,7 @@ disk as they are finished, so memory depends on the slide's width, not its area.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -39,7 +40,7 @@ from gsd_wsi.progress import NullProgress, Progress
 from gsd_wsi.qc import save_png
 from gsd_wsi.slide import Slide, open_slide
 from gsd_wsi.stages.batch import BatchRun, Status
-from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash
+from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash, tissue_thumb_mpp
 from gsd_wsi.stages.segment_model import SegmentationModel, load_segmentation_model
 from gsd_wsi.stages.segment_windows import MaskFrame, WindowReader, mask_frame, plan_windows
 from gsd_wsi.stain import StainNormalizer
@@ -129,7 +130,9 @@ def _fit_stains(reader: WindowReader, normaliser: StainNormalizer, mask_xy: np.n
     if not len(candidates):
         candidates = np.flatnonzero(own_tissue > 0)
     picks = candidates[np.unique(np.linspace(0, len(candidates) - 1, min(n_sample, len(candidates))).round().astype(int))]
-    return normaliser.fit_source(reader.read(mask_xy[picks], normalise=False))
+    normaliser.fit_source(reader.read(mask_xy[picks], normalise=False))
+    normaliser.transform(np.zeros((1, 1, 3), np.uint8))  # build its colour table once, before the readers share it
+    return normaliser
 
 
 def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path, out_dir: str | Path,
@@ -160,9 +163,15 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
             what = "another model or other settings" if existing is not None else "files not made by segment"
             raise OutputError(f"{final_dir} holds {what}; use --overwrite to replace it, or another -o")
         frame = mask_frame(slide, model.mpp)
-        thumb, thumb_scale = slide.thumbnail(config.tissue.thumb_mpp)
+        width0, height0 = slide.dimensions
+        thumb_mpp = tissue_thumb_mpp(config, width0 * height0 * slide.mpp**2)
+        if thumb_mpp > config.tissue.thumb_mpp:
+            logger.info("%s: tissue detected at %.3g um/px (a thumbnail of at most %g Mpx)", slide_id, thumb_mpp,
+                        config.tissue_max_mpx)
+        thumb, thumb_scale = slide.thumbnail(thumb_mpp)
         thumb_mpp_xy = (slide.mpp * thumb_scale[0], slide.mpp * thumb_scale[1])
-        tissue = detect_tissue(thumb, (thumb_mpp_xy[0] + thumb_mpp_xy[1]) / 2, config.tissue)
+        tissue = detect_tissue(thumb, (thumb_mpp_xy[0] + thumb_mpp_xy[1]) / 2,
+                               dataclasses.replace(config.tissue, thumb_mpp=thumb_mpp))
         stride = stride_for_overlap(model.patch_px, config.overlap)
         mask_xy, own_tissue = plan_windows(frame, tissue, thumb_scale, model.patch_px, stride,
                                            config.tissue_margin_windows)

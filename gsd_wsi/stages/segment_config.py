@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ class SegmentConfig:
     weights: Literal["gaussian", "ramp"] = "gaussian"
     tissue: TissueConfig = field(default_factory=TissueConfig)
     tissue_margin_windows: float = 1.0    # windows reach this many window sides beyond tissue
+    tissue_max_mpx: float = 4.0           # detect tissue on at most this many thumbnail Mpx
     stain_sample_windows: int = 64        # windows sampled across the slide to fit its stains
     backend: str = "auto"                 # slide reader
     band_px: int = 512                    # rows stitched at once; also the output chunk size
@@ -53,6 +55,8 @@ class SegmentConfig:
             raise ConfigError(f"window weights must be gaussian or ramp (got {self.weights!r})")
         if self.tissue_margin_windows < 0:
             raise ConfigError(f"tissue_margin_windows must be >= 0 (got {self.tissue_margin_windows})")
+        if not self.tissue_max_mpx > 0:
+            raise ConfigError(f"tissue_max_mpx must be positive (got {self.tissue_max_mpx})")
         if self.stain_sample_windows < 1:
             raise ConfigError(f"stain_sample_windows must be at least 1 (got {self.stain_sample_windows})")
         if self.backend not in BACKENDS:
@@ -72,6 +76,14 @@ class SegmentConfig:
         for key in _NOT_HASHED:
             data.pop(key)
         return data
+
+
+def tissue_thumb_mpp(config: SegmentConfig, slide_um2: float) -> float:
+    """The thumbnail resolution for tissue detection: the configured one, coarsened on slides
+    so large that its thumbnail would pass ``tissue_max_mpx``. Tissue detection holds about 30
+    bytes per thumbnail pixel, so this bounds the one part of a slide's memory that would
+    otherwise grow with its area (a 40 x 40 mm scan at 8 um/px is a 25 Mpx thumbnail)."""
+    return max(config.tissue.thumb_mpp, math.sqrt(slide_um2 / (config.tissue_max_mpx * 1e6)))
 
 
 def segment_settings_hash(config: SegmentConfig, model_digest: str, slide_mpp: float, slide_bytes: int) -> str:

@@ -26,7 +26,7 @@ from gsd_wsi.nn.unet import UNet
 from gsd_wsi.stain import StainNormalizer, make_normalizer, recorded_normaliser
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.ddp import resolve_device
-from gsd_wsi.train.transfer import load_segmentation_model as load_network
+from gsd_wsi.train.transfer import load_segmentation_network
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def load_segmentation_model(path: str | Path, device: str | torch.device = "cpu"
     and a model that records no resolution.
     """
     folder = model_folder(Path(path))
-    network, info = load_network(folder)
+    network, info = load_segmentation_network(folder)
     if info.get("mpp") is None:
         raise ConfigError(f"--model {path}: the model records no resolution (mpp), so slides cannot be brought to it; "
                           f"fine-tune it again with --mpp (the training images' um/px)")

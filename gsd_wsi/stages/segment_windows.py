@@ -123,10 +123,20 @@ class WindowReader:
         slide = getattr(self._local, "slide", None)
         if slide is None:
             slide = open_slide(self.path, mpp=self.slide_mpp, backend=self.backend)  # type: ignore[arg-type]
+            slide.limit_cache(self._cache_bytes(slide))
             self._local.slide = slide
             with self._opened_lock:
                 self._opened.append(slide)
         return slide
+
+    def _cache_bytes(self, slide: Slide) -> int:
+        """Decoded file tiles worth three tile rows of the level read (windows walk it in rows,
+        each spanning at most two), with a 32 MiB floor: enough that no tile is decoded twice
+        within a row of windows, flat however long the slide."""
+        level = slide.levels[self.frame.level]
+        tile = slide.file_tile_px(self.frame.level)
+        rows_px = max(3 * (tile[1] if tile else 256), 2 * self.frame.read_px(self.patch_px))
+        return max(32 << 20, rows_px * level.width_px * 3)
 
     def read(self, mask_xy: np.ndarray, normalise: bool = True) -> np.ndarray:
         """(N, patch_px, patch_px, 3) uint8 windows at ``mask_xy``, stain-normalised unless told not."""

@@ -94,8 +94,8 @@ def segmentation_model_json(model: UNet, class_names: list[str], patch_px: int, 
             "stain": stain} | extra
 
 
-def load_segmentation_model(path: Path) -> tuple[UNet, dict[str, Any]]:
-    """A fine-tuned network from its run folder (``RUN/model``) or checkpoint folder, in eval mode."""
+def load_segmentation_network(path: Path) -> tuple[UNet, dict[str, Any]]:
+    """A fine-tuned network (and its model.json) from its run folder (``RUN/model``) or checkpoint folder, in eval mode."""
     path = Path(path)
     folder = path if (path / ckpt.MODEL_JSON).is_file() else path / "model"
     info = ckpt.load_model_json(folder)
