@@ -5,11 +5,12 @@ network's own forward pass, and against MONAI's sliding_window_inference, in one
 
 (a) Memory: the whole `gsd-wsi segment` command on synthetic slides of each size, peak RSS of
     its process tree sampled every 50 ms (the same model, so only the slide grows).
-(b) Limit: on the smallest slide, in process, `segment_slide` end to end against the
-    network alone on the same number of random windows (same batch, same device).
-(c) MONAI: an all-tissue region of that slide, written as its own slide; our segment
-    (every output written) against MONAI's sliding_window_inference (Gaussian, same overlap,
-    batch and model) on the region read into memory, each in a fresh process with its RSS.
+(b) Limit: on each slide, in process, `segment_slide` end to end against the network alone
+    on the same number of random windows (same batch, same device).
+(c) MONAI: the largest all-tissue square of the largest slide, and the same mirror-tiled
+    4x4 (an all-tissue image 16x larger), each written as its own slide; our segment (every output written) against MONAI's sliding_window_inference
+    (Gaussian, same overlap, batch and model) on the region read into memory, each in a
+    fresh process with its peak RSS.
 Slides are drawn at 0.25 um/px (40x). The model is a tiny U-Net fine-tuned for glands at
 2.0 um/px on crops of another synthetic slide: a coarse resolution keeps the 80k run short
 (at 0.5 um/px there would be 16x more windows); windows are read from the 1.0 um/px level
@@ -24,7 +25,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -119,9 +119,11 @@ def network_alone(model_dir: Path, n_windows: int, batch_size: int, device: str)
 
 
 def all_tissue_region(slide_path: Path, side_px: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """The largest all-tissue square (up to ``side_px`` px at the model's mpp) of a slide, read."""
+    """The largest all-tissue square (up to ``side_px`` px at the model's mpp) of a slide, read
+    and brought to the model's mpp, and its level-0 top-left."""
     from scipy import ndimage
 
+    from gsd_wsi.imageops import resize_rgb
     from gsd_wsi.slide import open_slide
     from gsd_wsi.tissue import detect_tissue
 
@@ -135,8 +137,23 @@ def all_tissue_region(slide_path: Path, side_px: int) -> tuple[np.ndarray, tuple
         x0, y0 = int(cx * scale[0] - half_l0), int(cy * scale[1] - half_l0)
         level = slide.best_level_for_mpp(MODEL_MPP)
         ds = slide.levels[level].downsample
-        side = int(2 * half_l0 / ds) // 16 * 16
-        return slide.read_level_region(level, (int(x0 / ds), int(y0 / ds)), (side, side)), (x0, y0)
+        read_px = int(2 * half_l0 / ds)
+        side = int(2 * half_l0 / d) // 16 * 16  # at the model's mpp
+        rgb = slide.read_level_region(level, (int(x0 / ds), int(y0 / ds)), (read_px, read_px))
+        return resize_rgb(rgb, (side, side)), (x0, y0)
+
+
+def mirror_tiled(rgb: np.ndarray, tiles: int) -> np.ndarray:
+    """``rgb`` repeated ``tiles`` x ``tiles`` times, every other copy mirrored (no seams of tissue
+    against glass): a larger all-tissue image made of the slide's own tissue."""
+    if tiles == 1:
+        return rgb
+    pair = np.concatenate([rgb, rgb[:, ::-1]], axis=1)
+    block = np.concatenate([pair, pair[::-1]], axis=0)
+    reps = -(-tiles // 2)
+    big = np.tile(block, (reps, reps, 1))
+    side = rgb.shape[0] * tiles
+    return np.ascontiguousarray(big[:side, :side])
 
 
 def write_region_slide(rgb: np.ndarray, path: Path) -> None:
@@ -183,7 +200,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--region-px", type=int, default=2048, help="side of the all-tissue region (mask px)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the limit measurement")
+    parser.add_argument("--parts", default="memory,limit,monai", help="which of memory, limit, monai to run")
+    parser.add_argument("--region-px", type=int, default=2048, help="side of the all-tissue square (mask px), at most")
+    parser.add_argument("--region-tiles", type=int, default=4, help="the larger region: the square mirror-tiled NxN")
     parser.add_argument("--monai-child", nargs=2, metavar=("REGION_TIFF", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.monai_child:
@@ -198,65 +218,91 @@ def main() -> None:
     cli = [sys.executable, "-m", "gsd_wsi", "-q", "segment"]
     common = ["--model", str(model), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
               "--overlap", str(args.overlap), "--device", args.device, "--overwrite"]
-    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                "torch_threads": torch.get_num_threads(), "device": args.device},
-                    "model": {"path": str(model), "mpp": MODEL_MPP, "patch_px": PATCH_PX}, "memory": []}
+    parts = set(args.parts.split(","))
+    json_path = out / "bench_segment.json"
+    result: dict = json.loads(json_path.read_text()) if json_path.exists() else {}  # parts run apart merge
+    result |= {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "torch_threads": torch.get_num_threads(), "device": args.device},
+               "model": {"path": str(model), "mpp": MODEL_MPP, "patch_px": PATCH_PX}}
+    for i, size in enumerate(sorted(args.sizes)):
+        make_slide(out / f"synthetic-{size}.svs", size, seed=100 + i)
 
     # (a) memory against slide size
-    for i, size in enumerate(sorted(args.sizes)):
+    if "memory" in parts:
+        result["memory"] = []
+    for size in sorted(args.sizes) if "memory" in parts else []:
         slide = out / f"synthetic-{size}.svs"
-        t0 = time.perf_counter()
-        make_slide(slide, size, seed=100 + i)
         seg_out = out / f"seg-{size}"
         measured = run_measured([*cli, str(slide), "-o", str(seg_out), *common], out / f"seg-{size}.log")
         summary = json.loads((seg_out / slide.stem / "summary.json").read_text())
-        row = {"size_px": size, "slide_write_s": time.perf_counter() - t0 - measured["wall_s"], **measured,
+        row = {"size_px": size, **measured,
                "n_windows": summary["n_windows"], "tissue_mm2": summary["tissue_mm2"],
                "mask_px": summary["mask"]["width_px"] * summary["mask"]["height_px"],
                "windows_per_s": summary["windows_per_s"], "timing_s": summary["timing_s"]}
         result["memory"].append(row)
         print(json.dumps(row), flush=True)
-    rss = [r["peak_rss_mb"] for r in result["memory"]]
-    result["memory_ratio_largest_to_smallest"] = rss[-1] / rss[0]
+    if "memory" in parts:
+        rss = [r["peak_rss_mb"] for r in result["memory"]]
+        result["memory_ratio_largest_to_smallest"] = rss[-1] / rss[0]
 
-    # (b) against the network alone, in process, on the smallest slide
+    # (b) against the network alone, in process, on every slide
     from gsd_wsi.stages.segment import segment_slide
     from gsd_wsi.stages.segment_config import SegmentConfig
     from gsd_wsi.stages.segment_model import load_segmentation_model
 
-    small = out / f"synthetic-{min(args.sizes)}.svs"
     loaded = load_segmentation_model(model, device=args.device)
     config = SegmentConfig(overlap=args.overlap, batch_size=args.batch_size, workers=args.workers, device=args.device)
-    t0 = time.perf_counter()
-    res = segment_slide(small, loaded, out / "seg-inprocess", config, overwrite=True)
-    ours_s = time.perf_counter() - t0
-    summary = json.loads((out / "seg-inprocess" / small.stem / "summary.json").read_text())
-    net_s = network_alone(model, res.n_windows, args.batch_size, args.device)
-    result["limit"] = {"slide": small.name, "n_windows": res.n_windows, "segment_s": ours_s,
-                       "inference_phase_s": summary["timing_s"]["inference_s"], "network_alone_s": net_s,
-                       "ratio_end_to_end": net_s / ours_s, "ratio_inference_phase": net_s / summary["timing_s"]["inference_s"],
-                       "timing_s": summary["timing_s"]}
-    print(json.dumps(result["limit"]), flush=True)
+    if "limit" in parts:
+        result["limit"] = []
+    for size in sorted(args.sizes) if "limit" in parts else []:
+        slide = out / f"synthetic-{size}.svs"
+        ours, alone = [], []
+        for _ in range(args.repeats):  # interleaved, best of each: these machines' speed drifts
+            t0 = time.perf_counter()
+            res = segment_slide(slide, loaded, out / "seg-inprocess", config, overwrite=True)
+            ours.append(time.perf_counter() - t0)
+            alone.append(network_alone(model, res.n_windows, args.batch_size, args.device))
+        summary = json.loads((out / "seg-inprocess" / slide.stem / "summary.json").read_text())
+        ours_s, net_s = min(ours), min(alone)
+        row = {"slide": slide.name, "n_windows": res.n_windows, "segment_s": ours, "network_alone_s": alone,
+               "ratio_end_to_end": net_s / ours_s, "network_share_of_last_run": summary["timing_s"]["network_s"] / summary["seconds"],
+               "tissue_mpx_per_s_last_run": summary["tissue_mpx_per_s"], "timing_s_last_run": summary["timing_s"]}
+        result["limit"].append(row)
+        print(json.dumps(row), flush=True)
 
-    # (c) against MONAI on an all-tissue region read from the same slide
-    rgb, l0_xy = all_tissue_region(small, args.region_px)
-    region = out / "region.tiff"
-    write_region_slide(rgb, region)
-    ours = run_measured([*cli, str(region), "-o", str(out / "seg-region"), *common], out / "seg-region.log")
-    region_summary = json.loads((out / "seg-region" / "region" / "summary.json").read_text())
-    log = out / "monai.log"
-    theirs = run_measured([sys.executable, __file__, "--monai-child", str(region), str(model), "--batch-size",
-                           str(args.batch_size), "--overlap", str(args.overlap), "--device", args.device], log)
-    monai = json.loads(log.read_text().strip().splitlines()[-1])
-    result["monai"] = {"region_px": list(rgb.shape[:2]), "region_l0_xy": list(l0_xy),
-                       "ours_wall_s": ours["wall_s"], "ours_segment_s": region_summary["seconds"],
-                       "ours_peak_rss_mb": ours["peak_rss_mb"], "ours_windows": region_summary["n_windows"],
-                       "monai_wall_s": theirs["wall_s"], "monai_inference_s": monai["seconds"],
-                       "monai_peak_rss_mb": theirs["peak_rss_mb"],
-                       "speed_ratio_ours_to_monai": monai["seconds"] / region_summary["seconds"]}
-    print(json.dumps(result["monai"]), flush=True)
-    (out / "bench_segment.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'bench_segment.json'}")
+    # (c) against MONAI on all-tissue regions read from the largest slide (two sizes: MONAI's
+    # memory grows with the region, ours does not)
+    largest = out / f"synthetic-{max(args.sizes)}.svs"
+    if "monai" in parts:
+        result["monai"] = []
+        square, l0_xy = all_tissue_region(largest, args.region_px)
+    for tiles in (1, args.region_tiles) if "monai" in parts else ():
+        rgb = mirror_tiled(square, tiles)
+        side = rgb.shape[0]
+        region = out / f"region-{side}.tiff"
+        write_region_slide(rgb, region)
+        runs: dict[str, list] = {"ours": [], "monai": []}
+        for _ in range(args.repeats):  # interleaved, fresh processes
+            ours = run_measured([*cli, str(region), "-o", str(out / "seg-region"), *common], out / f"seg-{region.stem}.log")
+            region_summary = json.loads((out / "seg-region" / region.stem / "summary.json").read_text())
+            runs["ours"].append(ours | {"segment_s": region_summary["seconds"],
+                                        "inference_s": region_summary["timing_s"]["inference_s"]})
+            log = out / f"monai-{side}.log"
+            theirs = run_measured([sys.executable, __file__, "--monai-child", str(region), str(model), "--batch-size",
+                                   str(args.batch_size), "--overlap", str(args.overlap), "--device", args.device], log)
+            runs["monai"].append(theirs | {"inference_s": json.loads(log.read_text().strip().splitlines()[-1])["seconds"]})
+        ours_s = min(r["segment_s"] for r in runs["ours"])
+        monai_s = min(r["inference_s"] for r in runs["monai"])
+        row = {"region_px": list(rgb.shape[:2]), "region_l0_xy": list(l0_xy), "mirror_tiles": tiles,
+               "ours_windows": region_summary["n_windows"], "runs": runs,
+               "ours_segment_s": ours_s, "monai_inference_s": monai_s,
+               "ours_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["ours"]),
+               "monai_peak_rss_mb": max(r["peak_rss_mb"] for r in runs["monai"]),
+               "speed_ratio_ours_to_monai": monai_s / ours_s}
+        result["monai"].append(row)
+        print(json.dumps(row), flush=True)
+    json_path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":

@@ -99,8 +99,12 @@ def area_fractions(mask: np.ndarray, boxes_xy: np.ndarray, box_size: tuple[float
     summed-area table at the box corners gives the exact integral.
     """
     h, w = mask.shape
-    sat = np.zeros((h + 1, w + 1), np.int64)  # integer sums: exact, and cheaper than float
-    np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
+    # integer sums: exact, and cheaper than float; 32-bit where they cannot overflow (half the
+    # memory on the large thumbnails of large slides)
+    peak = float(mask.max()) * mask.size if mask.size else 0.0
+    dtype = np.int32 if peak < 2**31 and mask.dtype.kind in "bu" else np.int64
+    sat = np.zeros((h + 1, w + 1), dtype)
+    np.cumsum(np.cumsum(mask, axis=0, dtype=dtype), axis=1, out=sat[1:, 1:])
 
     def cumulative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         x = np.clip(x, 0.0, w)

@@ -19,7 +19,8 @@ when a window starts below the current band, the band is final and handed to ``s
 
 ``sink(y0, blended, weight)`` receives canvas rows ``y0 .. y0 + rows``: ``blended`` (C, rows,
 width) float32, the weighted mean where ``weight > 0`` and 0 elsewhere, and ``weight``
-(rows, width) float32, the sum of weights (0 where no window reached). Peak memory is
+(rows, width) float32, the sum of weights (0 where no window reached). Both are views of
+the stitcher's buffer, valid until the sink returns (copy what you keep). Peak memory is
 ``(C + 1) * (band_px + window_px) * width * 4`` bytes: it depends on the canvas width and
 the window, not on the canvas area.
 
@@ -164,11 +165,11 @@ class BandStitcher:
         if rows <= 0:
             self._y0 += self.band_px
             return
-        weight = self._wsum[:rows].copy()
-        blended = self._acc[:, :rows].copy()
-        covered = weight > 0
-        np.divide(blended, weight, out=blended, where=covered[None])
-        blended[:, ~covered] = 0.0
+        # Divided in place: these buffer rows are final and overwritten by the shift below
+        # (its source rows lie past the band), so the sink gets views, not copies.
+        weight = self._wsum[:rows]
+        blended = self._acc[:, :rows]
+        np.divide(blended, weight, out=blended, where=weight[None] > 0)
         self.sink(self._y0, blended, weight)
         keep = self._acc.shape[1] - self.band_px  # rows already touched by windows below the band
         self._acc[:, :keep] = self._acc[:, self.band_px:]

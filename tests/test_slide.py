@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,16 @@ from gsd_wsi.slide import open_slide
 REGIONS = [((0, 0), (256, 256)), ((300, 517), (700, 333)), ((1, 2), (3, 5))]
 
 
-@pytest.mark.parametrize("fixture", ["synthetic_svs", "synthetic_tiff"])
+@pytest.fixture(scope="module")
+def synthetic_ycbcr_tiff(tmp_path_factory: pytest.TempPathFactory):
+    """A generic TIFF whose JPEG tiles are YCbCr 4:2:0, as tifffile and most scanners write them."""
+    from gsd_wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    spec = SyntheticSlideSpec(width_px=2048, height_px=1536, mpp=0.5, fmt="tiff", jpeg_colour="ycbcr", seed=7)
+    return write_synthetic_slide(tmp_path_factory.mktemp("ycbcr") / "ycbcr.tiff", spec)
+
+
+@pytest.mark.parametrize("fixture", ["synthetic_svs", "synthetic_tiff", "synthetic_ycbcr_tiff"])
 def test_fast_path_equals_openslide(fixture: str, request: pytest.FixtureRequest) -> None:
     synth = request.getfixturevalue(fixture)
     with open_slide(synth.path) as fast, open_slide(synth.path, backend="openslide") as ref:
@@ -33,6 +43,47 @@ def test_fast_path_equals_openslide(fixture: str, request: pytest.FixtureRequest
                 b = ref.read_level_region(level, xy, size)
                 assert a.shape == (size[1], size[0], 3) and a.dtype == np.uint8
                 np.testing.assert_array_equal(a, b, err_msg=f"level {level} region {xy} {size}")
+
+
+def test_reads_from_many_threads_equal_serial_reads(synthetic_tiff) -> None:
+    """The tile cache is shared by threads (readers on several threads, large reads decoding
+    on several); a small cache makes threads evict each other's tiles while they read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gsd_wsi.slide.tiff_backend import TiffSlide
+
+    rng = np.random.default_rng(0)
+    w, h = synthetic_tiff.spec.width_px, synthetic_tiff.spec.height_px
+    regions = [((int(x), int(y)), (256, 256)) for x, y in zip(rng.integers(0, w - 256, 200), rng.integers(0, h - 256, 200))]
+    regions += [((x, 0), (240, 240)) for x in range(0, w - 240, 240)]  # whole file tiles: the cached arrays themselves
+    with open_slide(synthetic_tiff.path) as serial:
+        expected = [serial.read_level_region(0, xy, size) for xy, size in regions]
+    slide = TiffSlide.open(synthetic_tiff.path, synthetic_tiff.spec.mpp)
+    slide._cache_bytes = 8 * 240 * 240 * 3  # room for 8 tiles
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda r: slide.read_level_region(0, *r), regions * 3))
+    finally:
+        slide.close()
+    for i, region in enumerate(got):
+        np.testing.assert_array_equal(region, expected[i % len(regions)])
+
+
+@pytest.mark.parametrize("cache_tiles", [4, 1000])
+def test_large_reads_decode_on_threads_and_equal_openslide(synthetic_tiff, cache_tiles: int) -> None:
+    """A read of many undecoded tiles (a thumbnail band of a slide without a pyramid) decodes
+    them on several threads; with some tiles already cached and a cache smaller than the read."""
+    from gsd_wsi.slide import tiff_backend
+
+    assert tiff_backend._DECODE_THREADS > 1 or os.cpu_count() == 1
+    w, h = synthetic_tiff.spec.width_px, synthetic_tiff.spec.height_px
+    with open_slide(synthetic_tiff.path) as fast, open_slide(synthetic_tiff.path, backend="openslide") as ref:
+        fast.limit_cache(cache_tiles * 240 * 240 * 3)
+        fast.read_level_region(0, (500, 500), (300, 300))  # some tiles cached before the large read
+        for xy, size in [((0, 0), (w, h)), ((130, 70), (w - 200, 1500)), ((-50, h - 400), (w + 100, 500))]:
+            n_tiles = (-(-(xy[0] + size[0]) // 240) - xy[0] // 240) * (-(-(xy[1] + size[1]) // 240) - xy[1] // 240)
+            assert n_tiles >= tiff_backend._PARALLEL_DECODE_TILES
+            np.testing.assert_array_equal(fast.read_level_region(0, xy, size), ref.read_level_region(0, xy, size))
 
 
 def test_outside_the_slide_reads_white(synthetic_tiff) -> None:

@@ -60,7 +60,7 @@ def test_divides_by_the_sum_of_weights_not_the_count() -> None:
     # two overlapping windows with constant values 1 and 3: where both reach, the result is
     # the weighted mean (w1 * 1 + w2 * 3) / (w1 + w2), not (w1 * 1 + w2 * 3) / 2
     got = {}
-    stitcher = BandStitcher(96, 64, 1, 64, lambda y0, b, w: got.update(b=b, w=w), band_px=64)
+    stitcher = BandStitcher(96, 64, 1, 64, lambda y0, b, w: got.update(b=b.copy(), w=w.copy()), band_px=64)
     stitcher.add(np.ones((1, 64, 64), np.float32), (0, 0))
     stitcher.add(np.full((1, 64, 64), 3.0, np.float32), (32, 0))
     stitcher.finish()
@@ -73,7 +73,7 @@ def test_divides_by_the_sum_of_weights_not_the_count() -> None:
 
 def test_uncovered_pixels_have_zero_weight_and_value() -> None:
     got = []
-    stitcher = BandStitcher(200, 100, 2, 32, lambda y0, b, w: got.append((b, w)), band_px=100)
+    stitcher = BandStitcher(200, 100, 2, 32, lambda y0, b, w: got.append((b.copy(), w.copy())), band_px=100)
     stitcher.add(np.ones((2, 32, 32), np.float32), (10, 10))
     stitcher.finish()
     blended, weight = got[0]

@@ -92,6 +92,48 @@ def test_two_workers_write_the_same_store(synthetic_tiff, tmp_path: Path) -> Non
     np.testing.assert_array_equal(a.coords, b.coords)
 
 
+@pytest.mark.parametrize("stain", ["none", "macenko"])
+def test_fill_threads_write_the_same_store(synthetic_tiff, tmp_path: Path, stain: str) -> None:
+    """Shards filled by several threads at once equal shards filled one after another."""
+    from gsd_wsi.manifest import collect_inputs
+
+    item = collect_inputs([synthetic_tiff.path], None)[0]
+    config = TileConfig(mpp=0.5, tile_px=128, min_tissue=0.3, stain=stain, shard_patches=8)
+    reported = []
+    for threads in (1, 3):
+        plan = tile_module.plan_slide(item, tmp_path / f"t{threads}", config, None)
+        assert isinstance(plan, tile_module.SlidePlan) and len(plan.shards) > 6
+        counts: list[int] = []
+        n = tile_module.fill_shards(plan, list(range(len(plan.shards))), tile_module.planned_read_xy(plan),
+                                    on_shard=counts.append, threads=threads)
+        assert n == sum(counts) == plan.n_patches
+        assert tile_module.finish_slide(plan).status == "ok"
+        reported.append(sorted(counts))
+    assert reported[0] == reported[1]
+    a, b = (PatchStore(tmp_path / f"t{t}" / "synth" / STORE_NAME) for t in (1, 3))
+    np.testing.assert_array_equal(a.read_range(0, len(a)), b.read_range(0, len(b)))
+
+
+def test_a_failing_shard_fails_the_fill(synthetic_tiff, tmp_path: Path, monkeypatch) -> None:
+    from gsd_wsi.manifest import collect_inputs
+
+    item = collect_inputs([synthetic_tiff.path], None)[0]
+    plan = tile_module.plan_slide(item, tmp_path, TileConfig(tile_px=128, stain="none", shard_patches=8), None)
+    calls = []
+    real_read_tiles = tile_module.read_tiles
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk went away")
+        return real_read_tiles(*args, **kwargs)
+
+    monkeypatch.setattr(tile_module, "read_tiles", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        tile_module.fill_shards(plan, list(range(len(plan.shards))), tile_module.planned_read_xy(plan), threads=2)
+    tile_module.abandon_slide(plan)
+
+
 def test_failures_are_isolated(synthetic_tiff, slides_dir: Path, tmp_path: Path) -> None:
     blank = tmp_path / "in" / "blank.tif"
     blank.parent.mkdir()

@@ -44,12 +44,12 @@ def test_from_scratch(pretrained_run: Path) -> None:
 
 def test_segmentation_model_round_trip(tmp_path: Path) -> None:
     from gsd_wsi.train.checkpoint import save_checkpoint
-    from gsd_wsi.train.transfer import load_segmentation_model, segmentation_model_json
+    from gsd_wsi.train.transfer import load_segmentation_network, segmentation_model_json
 
     model, _ = segmentation_unet(None, 2, unet_config("tiny"), patch_px=32)
     info = segmentation_model_json(model, ["background", "nucleus"], 32, 0.25, (-1.0, 1.0), {"method": "none"}, {})
     save_checkpoint(tmp_path / "run" / "model", model.state_dict(), None, info, None)
-    loaded, got = load_segmentation_model(tmp_path / "run")
+    loaded, got = load_segmentation_network(tmp_path / "run")
     assert got["classes"] == ["background", "nucleus"] and got["mpp"] == 0.25 and got["patch_px"] == 32
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -117,19 +118,36 @@ class Slide(ABC):
         return thumb, (l0_w / thumb_w, l0_h / thumb_h)
 
     def _banded_resize(self, level: int, thumb_size: tuple[int, int]) -> np.ndarray:
-        """Resize a whole level to ``thumb_size`` reading bands, so memory stays bounded."""
+        """Resize a whole level to ``thumb_size`` reading bands, so memory stays bounded.
+
+        One thread reads band k+1 while this one resizes band k (decoders and Pillow's
+        resize release the GIL): two bands in memory, and only one thread reads the slide.
+        """
         lv = self.levels[level]
         thumb_w, thumb_h = thumb_size
         rows_per_thumb_row = lv.height_px / thumb_h
         # Each band covers a whole number of thumbnail rows, so bands resize independently.
         band_thumb_rows = max(1, int(_THUMB_BAND_PX // max(rows_per_thumb_row, 1.0)))
-        out = np.empty((thumb_h, thumb_w, 3), np.uint8)
+        bands = []
         for t0 in range(0, thumb_h, band_thumb_rows):
             t1 = min(thumb_h, t0 + band_thumb_rows)
             y0 = int(math.floor(t0 * rows_per_thumb_row))
             y1 = min(lv.height_px, int(math.ceil(t1 * rows_per_thumb_row)))
-            band = self.read_level_region(level, (0, y0), (lv.width_px, max(1, y1 - y0)))
-            out[t0:t1] = resize_rgb(band, (thumb_w, t1 - t0))
+            bands.append((t0, t1, y0, max(1, y1 - y0)))
+
+        def read(band_index: int) -> np.ndarray:
+            _, _, y0, rows = bands[band_index]
+            return self.read_level_region(level, (0, y0), (lv.width_px, rows))
+
+        out = np.empty((thumb_h, thumb_w, 3), np.uint8)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsd-wsi-thumbnail") as reader:
+            next_band = reader.submit(read, 0)
+            for k, (t0, t1, _, _) in enumerate(bands):
+                band = next_band.result()
+                if k + 1 < len(bands):
+                    next_band = reader.submit(read, k + 1)
+                out[t0:t1] = resize_rgb(band, (thumb_w, t1 - t0))
+                del band
         return out
 
     def limit_cache(self, max_bytes: int) -> None:

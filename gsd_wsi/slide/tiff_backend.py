@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,11 @@ from gsd_wsi.slide.base import Slide, SlideLevel, paste_into_canvas
 logger = logging.getLogger(__name__)
 
 _DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
+#: A read needing at least this many undecoded file tiles decodes them on several threads
+#: (libjpeg-turbo releases the GIL): a thumbnail read from level 0 of a slide without a
+#: pyramid decodes every tile of the slide.
+_PARALLEL_DECODE_TILES = 16
+_DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 
 def fast_path_pages(tif: tifffile.TiffFile) -> list[tifffile.TiffPage] | None:
@@ -77,6 +84,7 @@ class TiffSlide(Slide):
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached_bytes = 0
+        self._cache_lock = threading.Lock()  # reads may come from several threads; decoding runs outside it
 
     @classmethod
     def open(cls, path: Path, mpp: float) -> TiffSlide:
@@ -87,6 +95,19 @@ class TiffSlide(Slide):
             tif.close()
             raise SlideOpenError(f"{path}: not a tiled 8-bit RGB TIFF; the fast path does not apply")
         return cls(path, tif, pages, mpp)
+
+    def limit_cache(self, max_bytes: int) -> None:
+        """Keep at most ``max_bytes`` of decoded tiles (default 256 MiB), evicting the oldest
+        now. Readers that walk a level in rows need only a few rows of file tiles, and a
+        slide kept open after its thumbnail was read need not hold that level's tiles."""
+        with self._cache_lock:
+            self._cache_bytes = max(0, int(max_bytes))
+            while self._cached_bytes > self._cache_bytes and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.nbytes
+
+    def file_tile_px(self, level: int) -> tuple[int, int] | None:
+        return self.file_tile_size(level)
 
     def file_tile_size(self, level: int) -> tuple[int, int]:
         """(width, height) of the TIFF's own tiles at ``level``."""
@@ -106,17 +127,20 @@ class TiffSlide(Slide):
 
     def _cached_tile(self, level: int, tile_index: int) -> np.ndarray:
         key = (level, tile_index)
-        tile = self._cache.get(key)
-        if tile is not None:
-            self._cache.move_to_end(key)
-            return tile
+        with self._cache_lock:
+            tile = self._cache.get(key)
+            if tile is not None:
+                self._cache.move_to_end(key)
+                return tile
         tile = self.decode_file_tile(level, tile_index)
         tile.flags.writeable = False  # shared with the cache; callers copy before writing
-        self._cache[key] = tile
-        self._cached_bytes += tile.nbytes
-        while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes
+        with self._cache_lock:
+            if key not in self._cache:  # another thread may have decoded it meanwhile
+                self._cache[key] = tile
+                self._cached_bytes += tile.nbytes
+            while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= old.nbytes
         return tile
 
     def read_level_region(self, level: int, level_xy: tuple[int, int], size_px: tuple[int, int]) -> np.ndarray:
@@ -136,13 +160,32 @@ class TiffSlide(Slide):
         # Only tiles inside the image; areas beyond it stay white.
         ty0, ty1 = max(0, y // tile_h), min(math.ceil(page.imagelength / tile_h), -(-(y + height) // tile_h))
         tx0, tx1 = max(0, x // tile_w), min(tiles_across, -(-(x + width) // tile_w))
-        for ty in range(ty0, ty1):
-            for tx in range(tx0, tx1):
-                tile = self._cached_tile(level, ty * tiles_across + tx)
-                # Crop edge tiles to the image so their padding never shows.
-                valid = tile[: page.imagelength - ty * tile_h, : page.imagewidth - tx * tile_w]
-                paste_into_canvas(valid, (tx * tile_w, ty * tile_h), (x, y), out)
+        indices = [ty * tiles_across + tx for ty in range(ty0, ty1) for tx in range(tx0, tx1)]
+        with self._cache_lock:
+            missing = [i for i in indices if (level, i) not in self._cache]
+        if len(missing) < _PARALLEL_DECODE_TILES or _DECODE_THREADS == 1:
+            for index in indices:
+                self._paste_tile(level, index, self._cached_tile(level, index), (x, y), out)
+            return out
+        # A large read (a thumbnail band of a slide without a pyramid): the cached tiles first,
+        # before the decoding evicts them; then the others decoded on several threads, each
+        # pasted as it comes rather than looked up again in a cache that may have dropped it.
+        to_decode = set(missing)
+        for index in indices:
+            if index not in to_decode:
+                self._paste_tile(level, index, self._cached_tile(level, index), (x, y), out)
+        with ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="gsd-wsi-decode") as pool:
+            for index, tile in zip(missing, pool.map(lambda i: self._cached_tile(level, i), missing)):
+                self._paste_tile(level, index, tile, (x, y), out)
         return out
+
+    def _paste_tile(self, level: int, tile_index: int, tile: np.ndarray, region_xy: tuple[int, int],
+                    out: np.ndarray) -> None:
+        page = self._pages[level]
+        ty, tx = divmod(tile_index, math.ceil(page.imagewidth / page.tilewidth))
+        # Crop edge tiles to the image so their padding never shows.
+        valid = tile[: page.imagelength - ty * page.tilelength, : page.imagewidth - tx * page.tilewidth]
+        paste_into_canvas(valid, (tx * page.tilewidth, ty * page.tilelength), region_xy, out)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 MASK_ZARR, MASK_TIFF, MASK_GEOJSON, OVERLAY_PNG, SUMMARY_JSON = (
     "mask.ome.zarr", "mask.tiff", "mask.geojson", "overlay.png", "summary.json")
 _OVERLAY_LONG_SIDE_PX = 1600
+_OVERLAY_MIN_SIDE_PX = 1000
+_SLIDE_CACHE_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -89,17 +91,23 @@ def read_summary(slide_dir: Path) -> dict[str, Any] | None:
 
 
 class _BandSink:
-    """Receives stitched bands: argmax, background outside tissue, areas, then to disk."""
+    """Receives stitched bands: argmax, background outside tissue, areas, then to disk.
+
+    Bands of labels (uint8) are gathered into whole rows of zarr chunks before they are
+    written, so the float bands can be thin while the chunks stay large (fewer files)."""
 
     def __init__(self, writer: LabelPyramidWriter, frame: MaskFrame, tissue: np.ndarray,
-                 thumb_scale_xy: tuple[float, float], n_classes: int, probabilities: bool) -> None:
-        self.writer, self.n_classes, self.probabilities = writer, n_classes, probabilities
+                 thumb_scale_xy: tuple[float, float], n_classes: int, probabilities: bool, chunk_px: int) -> None:
+        self.writer, self.n_classes, self.probabilities, self.chunk_px = writer, n_classes, probabilities, chunk_px
         self.tissue = tissue
         sx, sy = thumb_scale_xy
         d = frame.downsample
         # tissue pixel under each mask pixel's centre
         self._cols = np.minimum(((np.arange(frame.width_px) + 0.5) * d / sx).astype(np.int64), tissue.shape[1] - 1)
         self._row_scale = d / sy
+        self._height = frame.height_px
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._pending_y0 = 0
         self.counts = np.zeros(n_classes, np.int64)
         self.seconds = 0.0
 
@@ -108,17 +116,41 @@ class _BandSink:
         rows = blended.shape[1]
         thumb_rows = np.minimum(((np.arange(y0, y0 + rows) + 0.5) * self._row_scale).astype(np.int64),
                                 self.tissue.shape[0] - 1)
-        inside = self.tissue[thumb_rows[:, None], self._cols[None, :]] & (weight > 0)
-        labels = np.argmax(blended, axis=0).astype(np.uint8)
-        labels[~inside] = 0
+        outside = ~self.tissue[thumb_rows[:, None], self._cols[None, :]]
+        outside |= weight <= 0
+        labels = _argmax_uint8(blended)
+        labels[outside] = 0
         self.counts += np.bincount(labels.ravel(), minlength=self.n_classes)[: self.n_classes]
         probs = None
         if self.probabilities:
             probs = np.rint(blended * 255.0).astype(np.uint8)
-            probs[:, ~inside] = 0
-            probs[0][~inside] = 255
-        self.writer.write_band(y0, labels, probs)
+            probs[:, outside] = 0
+            probs[0][outside] = 255
+        if not self._pending:
+            self._pending_y0 = y0
+        self._pending.append((labels, probs))
+        end = y0 + rows
+        if end - self._pending_y0 >= self.chunk_px or end >= self._height:
+            self._write()
         self.seconds += time.perf_counter() - started
+
+    def _write(self) -> None:
+        labels = np.concatenate([p[0] for p in self._pending], axis=0)
+        probs = None if not self.probabilities else np.concatenate([p[1] for p in self._pending], axis=1)  # type: ignore[misc]
+        self.writer.write_band(self._pending_y0, labels, probs)
+        self._pending.clear()
+
+
+def _argmax_uint8(values: np.ndarray) -> np.ndarray:
+    """``argmax`` over axis 0 as uint8 (first index on ties, as numpy's), without numpy's
+    int64 index array: a band of a wide slide is tens of MB less."""
+    labels = np.zeros(values.shape[1:], np.uint8)
+    best = values[0].copy()
+    for c in range(1, values.shape[0]):
+        better = values[c] > best
+        labels[better] = c
+        np.maximum(best, values[c], out=best)
+    return labels
 
 
 def _fit_stains(reader: WindowReader, normaliser: StainNormalizer, mask_xy: np.ndarray, own_tissue: np.ndarray,
@@ -169,6 +201,7 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
             logger.info("%s: tissue detected at %.3g um/px (a thumbnail of at most %g Mpx)", slide_id, thumb_mpp,
                         config.tissue_max_mpx)
         thumb, thumb_scale = slide.thumbnail(thumb_mpp)
+        slide.limit_cache(_SLIDE_CACHE_BYTES)  # this handle only reads thumbnails; windows have their own
         thumb_mpp_xy = (slide.mpp * thumb_scale[0], slide.mpp * thumb_scale[1])
         tissue = detect_tissue(thumb, (thumb_mpp_xy[0] + thumb_mpp_xy[1]) / 2,
                                dataclasses.replace(config.tissue, thumb_mpp=thumb_mpp))
@@ -206,11 +239,11 @@ def _infer(reader: WindowReader, model: SegmentationModel, frame: MaskFrame, tis
     """Windows through the network into the stitcher, bands to the zarr pyramid's level 0."""
     colors = class_colors(model.n_classes)
     writer = LabelPyramidWriter(tmp_dir / MASK_ZARR, frame.width_px, frame.height_px, frame.mpp, model.classes, colors,
-                                band_px=config.band_px,
+                                band_px=config.chunk_px,
                                 n_probability_channels=model.n_classes if config.probabilities else None,
                                 metadata={"frame": frame.to_dict(), "model": str(model.folder),
                                           "model_digest": model.digest, "gsd_wsi_version": __version__})
-    sink = _BandSink(writer, frame, tissue, thumb_scale, model.n_classes, config.probabilities)
+    sink = _BandSink(writer, frame, tissue, thumb_scale, model.n_classes, config.probabilities, config.chunk_px)
     stitcher = BandStitcher(frame.width_px, frame.height_px, model.n_classes, model.patch_px, sink,
                             band_px=config.band_px, weights=config.weights)
     wait_s = network_s = stitch_s = 0.0
@@ -275,12 +308,20 @@ def _write_outputs(slide: Slide, slide_path: Path, slide_id: str, model: Segment
     return summary
 
 
+def _overlay_thumbnail(slide: Slide) -> np.ndarray:
+    """About 1000-1600 px along the long side, from the coarsest level that has as many pixels
+    (decoding a finer level for a picture costs seconds on a large slide)."""
+    l0_long = max(slide.dimensions)
+    usable = [lv for lv in slide.levels if l0_long / lv.downsample >= _OVERLAY_MIN_SIDE_PX]
+    level = max(usable, key=lambda lv: lv.downsample) if usable else slide.levels[0]
+    target_mpp = max(slide.level_mpp(level.index), l0_long * slide.mpp / _OVERLAY_LONG_SIDE_PX)
+    return slide.thumbnail(target_mpp)[0]
+
+
 def _write_overlay(slide: Slide, thumb: np.ndarray, zarr_path: Path, model: SegmentationModel,
                    colors: list[tuple[int, int, int]], path: Path, slide_id: str, digest: str) -> None:
     """The thumbnail (about 1600 px long) with the mask over it, from the pyramid level nearest its size."""
-    l0_w, l0_h = slide.dimensions
-    qc_mpp = max(slide.mpp, max(l0_w, l0_h) * slide.mpp / _OVERLAY_LONG_SIDE_PX)
-    picture = thumb if max(thumb.shape[:2]) >= _OVERLAY_LONG_SIDE_PX * 0.9 else slide.thumbnail(qc_mpp)[0]
+    picture = thumb if max(thumb.shape[:2]) >= _OVERLAY_MIN_SIDE_PX else _overlay_thumbnail(slide)
     levels = label_levels(zarr_path)
     level = max((k for k, (h, w) in enumerate(levels) if max(h, w) >= max(picture.shape[:2])), default=0)
     labels = np.asarray(open_label_level(zarr_path, level)[:])

@@ -36,7 +36,8 @@ class SegmentConfig:
     tissue_max_mpx: float = 4.0           # detect tissue on at most this many thumbnail Mpx
     stain_sample_windows: int = 64        # windows sampled across the slide to fit its stains
     backend: str = "auto"                 # slide reader
-    band_px: int = 512                    # rows stitched at once; also the output chunk size
+    band_px: int = 256                    # rows stitched at once (float buffers: width x band x C)
+    chunk_px: int = 512                   # chunk side of the zarr pyramid (a multiple of band_px)
     tiff_tile_px: int = 512
     geojson_chunk_px: int = 2048
 
@@ -63,6 +64,8 @@ class SegmentConfig:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.backend!r})")
         if self.band_px < 64 or self.band_px % 64:
             raise ConfigError(f"band_px must be a multiple of 64, at least 64 (got {self.band_px})")
+        if self.chunk_px < self.band_px or self.chunk_px % self.band_px:
+            raise ConfigError(f"chunk_px must be a multiple of band_px {self.band_px} (got {self.chunk_px})")
         if self.tiff_tile_px not in (256, 512):
             raise ConfigError(f"tiff_tile_px must be 256 or 512 (got {self.tiff_tile_px})")
         if self.geojson_chunk_px < 64:

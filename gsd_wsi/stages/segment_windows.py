@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -103,11 +104,23 @@ def plan_windows(frame: MaskFrame, tissue: np.ndarray, thumb_scale_xy: tuple[flo
     return mask_xy[near], own[near]
 
 
+#: Backends whose one open slide serves several threads: tifffile (positional reads, a locked
+#: tile cache, decoding outside the lock), OpenSlide (thread-safe by its documentation) and
+#: plain images (a read-only array). Others get one open slide per thread.
+_SHARED_BACKENDS = frozenset({"tifffile", "openslide", "image"})
+#: Reader threads run at this nice level: on a CPU the network's own threads come first, and
+#: readers fill the queue in the gaps (a reader taking a core mid-forward stalls every
+#: thread of the network's parallel region).
+_READER_NICE = 5
+
+
 class WindowReader:
     """Reads, resizes and stain-normalises batches of windows in ``workers`` threads, ahead of
-    the caller, in order. Each thread opens the slide once; at most ``2 * workers`` batches
-    wait, so memory stays bounded. Decoding (imagecodecs), resizing (Pillow) and the colour
-    lookup (numpy) release the GIL, so threads overlap with the network and with each other.
+    the caller, in order. The slide is opened once (shared by the threads where its backend
+    allows, so each file tile is decoded once, else once per thread); at most
+    ``2 * workers`` batches wait, so memory stays bounded. Decoding (imagecodecs), resizing
+    (Pillow) and the colour lookup (numpy) release the GIL, so threads overlap with the
+    network and with each other.
     """
 
     def __init__(self, path: Path, slide_mpp: float, backend: str, frame: MaskFrame, patch_px: int,
@@ -115,28 +128,42 @@ class WindowReader:
         self.path, self.slide_mpp, self.backend = Path(path), slide_mpp, backend
         self.frame, self.patch_px, self.normaliser, self.workers = frame, patch_px, normaliser, workers
         self._local = threading.local()
+        self._shared: Slide | None = None
         self._opened: list[Slide] = []
         self._opened_lock = threading.Lock()
         self.read_seconds = 0.0          # summed over threads
 
     def _slide(self) -> Slide:
+        if self._shared is not None:
+            return self._shared
         slide = getattr(self._local, "slide", None)
         if slide is None:
-            slide = open_slide(self.path, mpp=self.slide_mpp, backend=self.backend)  # type: ignore[arg-type]
-            slide.limit_cache(self._cache_bytes(slide))
-            self._local.slide = slide
             with self._opened_lock:
+                if self._shared is not None:
+                    return self._shared
+                slide = open_slide(self.path, mpp=self.slide_mpp, backend=self.backend)  # type: ignore[arg-type]
+                slide.limit_cache(self._cache_bytes(slide))
                 self._opened.append(slide)
+                if slide.backend in _SHARED_BACKENDS:
+                    self._shared = slide
+            self._local.slide = slide
         return slide
+
+    @staticmethod
+    def _lower_priority() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _READER_NICE)
+        except (AttributeError, OSError):  # not Linux, or not allowed: run at the usual priority
+            pass
 
     def _cache_bytes(self, slide: Slide) -> int:
         """Decoded file tiles worth three tile rows of the level read (windows walk it in rows,
-        each spanning at most two), with a 32 MiB floor: enough that no tile is decoded twice
+        each spanning at most two), with an 8 MiB floor: enough that no tile is decoded twice
         within a row of windows, flat however long the slide."""
         level = slide.levels[self.frame.level]
         tile = slide.file_tile_px(self.frame.level)
         rows_px = max(3 * (tile[1] if tile else 256), 2 * self.frame.read_px(self.patch_px))
-        return max(32 << 20, rows_px * level.width_px * 3)
+        return max(8 << 20, rows_px * level.width_px * 3)
 
     def read(self, mask_xy: np.ndarray, normalise: bool = True) -> np.ndarray:
         """(N, patch_px, patch_px, 3) uint8 windows at ``mask_xy``, stain-normalised unless told not."""
@@ -152,7 +179,8 @@ class WindowReader:
         """(mask_xy, windows) per batch, in the order of ``mask_xy``."""
         starts = range(0, len(mask_xy), batch_size)
         pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="gsd-wsi-reader") as pool:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="gsd-wsi-reader",
+                                initializer=self._lower_priority) as pool:
             try:
                 for start in starts:
                     xy = mask_xy[start: start + batch_size]

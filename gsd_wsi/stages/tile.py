@@ -13,9 +13,11 @@ import datetime as dt
 import json
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +215,8 @@ class _OpenSlideCache:
             self.close()
             self.slide = open_slide(plan.slide.path, mpp=plan.slide.mpp, backend=plan.backend)  # type: ignore[arg-type]
             self.normalizer = StainNormalizer.from_params(plan.stain_params)
+            if self.normalizer.is_fitted:  # build its colour table before the fill threads share it
+                self.normalizer.transform(np.zeros((1, 1, 3), np.uint8))
             self.key = plan.tmp_dir
         return self.slide, self.normalizer
 
@@ -225,37 +229,63 @@ class _OpenSlideCache:
 _cache = _OpenSlideCache()
 
 
+#: Threads per process that fill shards. Each takes a whole shard through every step (read,
+#: normalise, encode, write); the JPEG codec, the colour lookup, the LZ4 codec and file
+#: writes all release the GIL, so two shards progress at once and the threads share the
+#: work evenly whatever its mix. (A fixed split, a reading thread and a writing thread,
+#: leaves one of them idle: the reader when decoding is cheap, as with YCbCr 4:2:0 JPEG,
+#: the writer when the colour lookup doubles the reading work.)
+FILL_THREADS = 2
+
+#: Readers whose ``read_level_region`` may be called from several threads at once; reads
+#: from any other take turns (the steps after reading still overlap).
+_THREAD_SAFE_READERS = frozenset({"tifffile", "openslide", "image"})
+
+
 def fill_shards(
     plan: SlidePlan, shard_indices: list[int], read_xy: np.ndarray, on_shard: Callable[[int], None] | None = None,
+    threads: int = FILL_THREADS,
 ) -> int:
     """Read, normalise and write the given shards; ``read_xy`` holds their tiles' positions
     (in shard order, concatenated). Returns the number of patches written.
 
-    Two stages overlap: while a writer thread encodes and writes shard k, this thread
-    decodes and normalises shard k+1 (the codecs and file writes release the GIL). At most
-    one shard waits for the writer, so memory stays at about two shards.
+    ``threads`` shards are in progress at a time (see :data:`FILL_THREADS`), so memory stays
+    at a few shards. ``on_shard`` is called from this thread with each shard's patch count.
     """
     slide, normalizer = _cache.get(plan)
     images = open_images_for_writing(plan.store_path)
     shards = plan.shards
-    offset = previous_n = 0
-    pending: Future[None] | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsd-wsi-writer") as writer:
-        for index in shard_indices:
-            start, stop = shards[index]
-            tiles = read_tiles(slide, plan.level, read_xy[offset : offset + stop - start], plan.read_px, plan.tile_px)
-            patches = normalizer.transform(tiles)
-            if pending is not None:
-                pending.result()
+    read_lock = nullcontext() if slide.backend in _THREAD_SAFE_READERS else threading.Lock()
+
+    def fill(start: int, stop: int, xy: np.ndarray) -> int:
+        with read_lock:
+            tiles = read_tiles(slide, plan.level, xy, plan.read_px, plan.tile_px)
+        images[start:stop] = normalizer.transform(tiles)
+        return stop - start
+
+    jobs: list[tuple[int, int, np.ndarray]] = []
+    offset = 0
+    for index in shard_indices:
+        start, stop = shards[index]
+        jobs.append((start, stop, read_xy[offset : offset + stop - start]))
+        offset += stop - start
+    running: set[Future[int]] = set()
+
+    def collect(until: int) -> None:
+        """Wait until at most ``until`` shards are in progress; a failure raises here."""
+        nonlocal running
+        while len(running) > until:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                n_patches = future.result()
                 if on_shard is not None:
-                    on_shard(previous_n)
-            pending = writer.submit(images.__setitem__, slice(start, stop), patches)
-            previous_n = stop - start
-            offset += stop - start
-        if pending is not None:
-            pending.result()
-            if on_shard is not None:
-                on_shard(previous_n)
+                    on_shard(n_patches)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="gsd-wsi-fill") as pool:
+        for job in jobs:
+            collect(max(1, threads) - 1)
+            running.add(pool.submit(fill, *job))
+        collect(0)
     return offset
 
 
