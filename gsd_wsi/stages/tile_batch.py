@@ -8,6 +8,7 @@ while others are read; a failure marks its own slide failed and the run goes on.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from gsd_wsi.progress import NullProgress, Progress
 from gsd_wsi.slide.image_backend import read_plain_image
 from gsd_wsi.stages.batch import BatchRun, worker_pool
 from gsd_wsi.stages.tile import (
-    SlidePlan, SlideResult, abandon_slide, fill_shards, finish_slide, plan_slide, planned_read_xy,
+    FILL_THREADS, SlidePlan, SlideResult, abandon_slide, fill_shards, finish_slide, plan_slide, planned_read_xy,
 )
 from gsd_wsi.stages.tile_config import TileConfig
 
@@ -125,6 +126,9 @@ class _Scheduler:
 
     def __init__(self, pool: ProcessPoolExecutor, workers: int, run: _Run) -> None:
         self.pool, self.workers = pool, workers
+        # Each process fills with up to FILL_THREADS threads, but no more threads in all than
+        # cores: on 2 cores, two workers of two threads each only add a second process's set-up.
+        self.fill_threads = max(1, min(FILL_THREADS, (os.cpu_count() or 1) // workers))
         self.progress, self.record, self.fail, self.plan_args = run.progress, run.record, run.fail, run.plan_args
         self.planning: dict[Future, tuple[int, SlideInput]] = {}
         self.filling: dict[Future, int] = {}      # fill job -> input index
@@ -163,7 +167,7 @@ class _Scheduler:
         slide = self.open[index] = _OpenSlide(planned, len(groups))
         for group in groups:
             start, stop = shards[group[0]][0], shards[group[-1]][1]
-            job = self.pool.submit(fill_shards, planned, group, read_xy[start:stop])
+            job = self.pool.submit(fill_shards, planned, group, read_xy[start:stop], threads=self.fill_threads)
             self.filling[job] = index
             slide.jobs.append(job)
 
