@@ -4,7 +4,9 @@ Why not only OpenSlide: its ``read_region`` composes every request through a cai
 surface with premultiplied alpha and copies pixels several times; on these machines it
 delivers about 30 Mpx/s per thread, while libjpeg-turbo decodes the same JPEG tiles at
 100-170 Mpx/s. Here each file tile is decoded once (an LRU cache keeps recent ones for
-neighbouring and overlapping reads) and copied straight into the output. OpenSlide and
+neighbouring and overlapping reads) and copied straight into the output. Reads may come
+from several threads at once (the cache is locked, decoding is not), and a read of many
+tiles, such as a thumbnail band of a slide without a pyramid, decodes on several threads. OpenSlide and
 this reader decode with the same libjpeg-turbo, and the tests check that both give
 identical pixels.
 
