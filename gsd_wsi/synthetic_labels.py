@@ -55,7 +55,7 @@ def write_labelled_crops(slide: SyntheticSlide, out_dir: str | Path, mpp: float,
     with open_slide(slide.path) as reader:
         level = reader.best_level_for_mpp(mpp)
         ds = reader.levels[level].downsample
-        for attempt in range(200 * n_crops):
+        for _ in range(200 * n_crops):
             if len(written) == n_crops:
                 break
             x0 = float(rng.integers(0, int(width0 - side_l0) + 1))
@@ -71,7 +71,7 @@ def write_labelled_crops(slide: SyntheticSlide, out_dir: str | Path, mpp: float,
             Image.fromarray(image).save(out_dir / "images" / f"{name}.png")
             Image.fromarray(glands.astype(np.uint8)).save(out_dir / "masks" / f"{name}.png")
             written.append(out_dir / "images" / f"{name}.png")
-        else:
-            logger.warning("%s: only %d of %d crops have %.0f %% tissue", slide.path.name, len(written), n_crops,
-                           100 * min_tissue)
+    if len(written) < n_crops:
+        logger.warning("%s: only %d of %d crops have %.0f %% tissue", slide.path.name, len(written), n_crops,
+                       100 * min_tissue)
     return written

@@ -43,7 +43,6 @@ from gsd_wsi.stages.batch import BatchRun, Status
 from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash, tissue_thumb_mpp
 from gsd_wsi.stages.segment_model import SegmentationModel, load_segmentation_model
 from gsd_wsi.stages.segment_windows import MaskFrame, WindowReader, mask_frame, plan_windows
-from gsd_wsi.stain import StainNormalizer
 from gsd_wsi.stitch import BandStitcher, stride_for_overlap
 from gsd_wsi.tissue import detect_tissue
 
@@ -153,18 +152,17 @@ def _argmax_uint8(values: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _fit_stains(reader: WindowReader, normaliser: StainNormalizer, mask_xy: np.ndarray, own_tissue: np.ndarray,
-                n_sample: int) -> StainNormalizer:
-    """The slide's source stains, fitted ONCE from windows spread across its tissue."""
+def _fit_stains(reader: WindowReader, mask_xy: np.ndarray, own_tissue: np.ndarray, n_sample: int) -> None:
+    """Fit the reader's stain source ONCE per slide, from windows spread across its tissue."""
+    normaliser = reader.normaliser
     if normaliser.method == "none" or not len(mask_xy):
-        return normaliser
+        return
     candidates = np.flatnonzero(own_tissue >= 0.5)
     if not len(candidates):
         candidates = np.flatnonzero(own_tissue > 0)
     picks = candidates[np.unique(np.linspace(0, len(candidates) - 1, min(n_sample, len(candidates))).round().astype(int))]
     normaliser.fit_source(reader.read(mask_xy[picks], normalise=False))
     normaliser.transform(np.zeros((1, 1, 3), np.uint8))  # build its colour table once, before the readers share it
-    return normaliser
 
 
 def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path, out_dir: str | Path,
@@ -214,8 +212,7 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
             reader = WindowReader(slide_path, slide.mpp, slide.backend, frame, model.patch_px, model.normaliser(),
                                   config.workers)
             try:
-                reader.normaliser = _fit_stains(reader, reader.normaliser, mask_xy, own_tissue,
-                                                config.stain_sample_windows)
+                _fit_stains(reader, mask_xy, own_tissue, config.stain_sample_windows)
                 progress.slide_started(slide_id, len(mask_xy))
                 timing = _infer(reader, model, frame, tissue, thumb_scale, mask_xy, config, tmp_dir, progress)
             finally:
