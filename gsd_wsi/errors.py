@@ -28,6 +28,11 @@ class SlideTooSmallError(GsdWsiError, ValueError):
     """A slide is smaller than one tile at the requested resolution."""
 
 
+class NotBrightfieldError(GsdWsiError, ValueError):
+    """A slide does not look like brightfield (transmitted-light) H&E: mostly near-black, as a
+    fluorescence or other dark-background scan, or an empty one (the message gives the numbers)."""
+
+
 class StainError(GsdWsiError, ValueError):
     """Stain estimation or normalisation failed (e.g. too few tissue pixels)."""
 
@@ -59,3 +64,11 @@ class MetricInputError(GsdWsiError, ValueError):
 class MaskWriteError(GsdWsiError, OSError):
     """A mask output cannot be written or read back: the target exists, a band is missing, or
     the folder is not a finished gsd-wsi label pyramid."""
+
+
+class SchedulerError(GsdWsiError, ConnectionError):
+    """The dask scheduler cannot be reached or started."""
+
+
+class SlideTimeoutError(GsdWsiError, TimeoutError):
+    """A slide took longer than the run's per-slide time limit."""

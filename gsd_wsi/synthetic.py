@@ -10,6 +10,9 @@ All geometry is analytic or defined on a grid at ``mask_downsample``; level-0 ti
 upsample it bilinearly, so the returned masks (sampled at mask-cell centres) are the
 ground truth of what was drawn. Level 0 is a deterministic function of (spec, x, y);
 reduced levels (downsample 4, 16, ...) are area averages of level 0.
+
+:func:`write_fluorescence_slide` writes the opposite, a DAPI-like scan on a black
+background, which gsd-wsi must refuse.
 """
 
 from __future__ import annotations
@@ -441,3 +444,51 @@ def write_synthetic_slide(path: Path, spec: SyntheticSlideSpec = SyntheticSlideS
     log.info("synthetic slide %s: %dx%d, %d levels, %.1f%% tissue, written in %.1fs", path.name, W, H,
              len(downsamples), 100 * masks["tissue_mask"].mean(), time.perf_counter() - t0)
     return SyntheticSlide(path=path, spec=spec, mask_downsample=scene.ds, level_downsamples=tuple(downsamples), **masks)
+
+
+def write_fluorescence_slide(path: Path, width_px: int = 2048, height_px: int = 2048, mpp: float = 0.5,
+                             seed: int = 0) -> Path:
+    """A fluorescence-like slide, which gsd-wsi must refuse: a near-black background, a faint
+    autofluorescent tissue ellipse holding bright blue (DAPI-like) nuclei, and a few green spots.
+
+    Written atomically as a tiled, deflate-compressed generic TIFF pyramid (downsamples 1, 4,
+    ... as :func:`write_synthetic_slide`) with resolution tags, so readers find its ``mpp``.
+    """
+    if not (isinstance(width_px, Integral) and isinstance(height_px, Integral) and min(width_px, height_px) >= 256):
+        raise ConfigError(f"width_px={width_px!r}, height_px={height_px!r}: expected integers >= 256")
+    if not isinstance(mpp, Real) or not 0.1 <= mpp <= 10.0:
+        raise ConfigError(f"mpp={mpp!r}: expected microns per pixel in [0.1, 10]")
+    path, rng, um, T = Path(path), np.random.default_rng(seed), 1.0 / mpp, 256
+    W, H = int(width_px), int(height_px)
+    img = rng.integers(0, 5, (H, W, 3), dtype=np.uint8)  # near-black with camera noise
+    yy, xx = np.ogrid[0:H, 0:W]
+    inside = ((yy - 0.5 * H) / (0.3 * H)) ** 2 + ((xx - 0.45 * W) / (0.35 * W)) ** 2 <= 1.0  # ~1/3 of the area
+    img[inside] += np.asarray([3, 9, 16], np.uint8)  # tissue autofluorescence
+    spots = [((0.05, 0.15, 1.0), 200.0, inside.sum() / (14 * um) ** 2, (3.0, 5.0)),  # DAPI nuclei
+             ((0.15, 1.0, 0.2), 230.0, 20, (1.5, 2.5))]  # green (FITC-like) spots
+    ys, xs = np.nonzero(inside)
+    for colour, peak, n, (r_lo, r_hi) in spots:
+        pick = rng.integers(len(ys), size=int(n))
+        for y, x, r in zip(ys[pick], xs[pick], rng.uniform(r_lo, r_hi, len(pick)) * um):
+            h = int(r) + 1
+            y0, y1, x0, x1 = max(y - h, 0), min(y + h + 1, H), max(x - h, 0), min(x + h + 1, W)
+            d2 = ((np.arange(y0, y1) - y)[:, None] ** 2 + (np.arange(x0, x1) - x)[None] ** 2) / (r * r)
+            blob = np.clip((1 - d2) * 3, 0, 1)[..., None] * (np.asarray(colour) * peak * rng.uniform(0.6, 1.1))
+            np.maximum(img[y0:y1, x0:x1], (blob + 0.5).astype(np.uint8), out=img[y0:y1, x0:x1])
+    levels = [img]
+    while max(levels[-1].shape[:2]) > 2 * T:
+        levels.append(_pool4(levels[-1]))
+    common = {"photometric": "rgb", "compression": "zlib", "compressionargs": {"level": 1}, "tile": (T, T),
+              "metadata": None, "resolutionunit": "CENTIMETER"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        with tifffile.TiffWriter(tmp) as tw:
+            for i, level in enumerate(levels):
+                res = 1e4 / (mpp * 4**i)
+                tw.write(level, resolution=(res, res), **({"subfiletype": 1} if i else {}), **common)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -7,6 +7,9 @@ sum threshold is ``max(noise floor, min(Otsu, FAINT_OD))``: Otsu alone sits betw
 and *strong* tissue and loses pale staining (OD sum 0.15-0.3). Artefacts are classified by
 OD colour direction: blue and green ink absorb red more than green, which H&E never does
 (both stains absorb green most); black ink, scan borders and dirt are dark and colourless.
+
+All of it assumes transmitted light (bright glass, absorbing stains): :func:`check_brightfield`
+refuses thumbnails that are mostly near-black, as fluorescence and other dark-field scans are.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import disk
 
-from gsd_wsi.errors import ConfigError
+from gsd_wsi.errors import ConfigError, NotBrightfieldError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,18 @@ ARTEFACT_MIN_UM2 = 2000.0  # artefact seeds smaller than this are ignored (grey 
 ARTEFACT_MARGIN_UM = 12.0  # removed around artefacts (blurred ink edges)
 GLASS_MARGIN = 15  # grey levels above a glass candidate that count as clearly brighter
 GLASS_BRIGHTER_MAX = 0.02  # fraction of pixels allowed clearly brighter than the glass
+# Brightfield or not, from the brightest channel of each thumbnail pixel. In transmitted light
+# glass is ~240 and stained tissue keeps one channel above ~100 even where dense hematoxylin
+# is averaged over 8 um; only black ink (~36), scan borders (~16-20) and dirt fall below
+# DARK_VALUE. Those cover a few % of a brightfield thumbnail (a generous border ~30 %), while a
+# fluorescence scan is dark background (0-30) with sparse signal: 70-99 % below DARK_VALUE. So
+# more than MAX_DARK_FRACTION near-black means not brightfield, unless MIN_LIGHT_FRACTION of the
+# pixels are light in every channel (glass, pale tissue): that is a brightfield slide under a
+# big black fill, as fluorescence signal is one dye's colour and rarely white.
+DARK_VALUE = 64  # brightest channel below this (a quarter of full scale): near-black
+MAX_DARK_FRACTION = 0.5  # more near-black than this: not brightfield ...
+LIGHT_MIN = 150  # ... unless pixels with every channel >= LIGHT_MIN ...
+MIN_LIGHT_FRACTION = 0.05  # ... are at least this fraction of the thumbnail
 _EIGHT = np.ones((3, 3), dtype=bool)
 _FOUR = ndi.generate_binary_structure(2, 1)
 
@@ -102,6 +117,36 @@ def detect_tissue(
     if factor < 0.8:
         log.info("thumbnail at %.3g um/px, coarser than thumb_mpp: used as is", thumb_mpp)
     return _detect(rgb, float(thumb_mpp), config)
+
+
+def check_brightfield(thumb_rgb: np.ndarray, slide_name: str) -> None:
+    """Raise :class:`NotBrightfieldError` unless ``thumb_rgb`` looks like a brightfield slide.
+
+    ``thumb_rgb`` as for :func:`detect_tissue`; ``slide_name`` starts the message. Not
+    brightfield: mostly near-black (fluorescence, dark field) or entirely black (an empty or
+    failed scan); black borders and ink on a brightfield slide pass (see ``DARK_VALUE``).
+    """
+    rgb = _as_rgb_uint8(thumb_rgb)
+    if rgb.size == 0:
+        return
+    step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 1e6)))  # ~1 Mpx is plenty
+    sample = rgb[::step, ::step].reshape(-1, 3)
+    value = sample.max(axis=1)
+    dark, light = float(np.mean(value < DARK_VALUE)), float(np.mean(sample.min(axis=1) >= LIGHT_MIN))
+    log.debug("%s: %.1f %% near-black, %.1f %% light", slide_name, 100 * dark, 100 * light)
+    if dark <= MAX_DARK_FRACTION or light >= MIN_LIGHT_FRACTION:
+        return
+    expects = f"{slide_name}: gsd-wsi expects brightfield H&E (bright glass, stained tissue)"
+    if dark == 1.0:
+        raise NotBrightfieldError(
+            f"{expects}, but its thumbnail is entirely black (brightest pixel {int(value.max())}/255): an empty "
+            "or failed scan, or a dark-background (fluorescence) one. Check the file in a slide viewer; leave it "
+            "out of the inputs")
+    raise NotBrightfieldError(
+        f"{expects}, but this looks like a fluorescence or other dark-background scan: {100 * dark:.0f} % of its "
+        f"thumbnail is near-black (brightest channel < {DARK_VALUE}/255; median {int(np.median(value))}/255) and "
+        f"{100 * light:.1f} % is light (every channel >= {LIGHT_MIN}/255; brightfield shows glass). Leave it out "
+        "of the inputs; a brightfield scan this dark was badly exposed and needs rescanning")
 
 
 def _as_rgb_uint8(img: np.ndarray) -> np.ndarray:

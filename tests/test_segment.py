@@ -28,7 +28,11 @@ from gsd_wsi.slide import open_slide
 from gsd_wsi.stages.segment import read_summary, run_segment, segment_slide
 from gsd_wsi.stages.segment_config import SegmentConfig
 from gsd_wsi.stages.segment_model import SegmentationModel, load_segmentation_model
-from gsd_wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
+from gsd_wsi.synthetic import (
+    SyntheticSlideSpec,
+    write_fluorescence_slide,
+    write_synthetic_slide,
+)
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.transfer import segmentation_model_json
 
@@ -257,6 +261,17 @@ def test_batch_isolation_skip_and_refusal(glands_slide, slides_dir: Path, tiny_m
     redone = run_segment([glands_slide.path], out, other, config, overwrite=True)[0]
     assert redone.status == "ok"
     assert read_summary(out / "glands")["model"]["stain"] == "macenko"
+
+
+def test_fluorescence_slide_is_refused(tmp_path: Path) -> None:
+    good = write_synthetic_slide(tmp_path / "good.svs", SyntheticSlideSpec(width_px=1024, height_px=1024, seed=4))
+    dapi = write_fluorescence_slide(tmp_path / "dapi.tiff", width_px=1024, height_px=1024)
+    out = tmp_path / "out"
+    results = run_segment([good.path, dapi], out, stand_in(2.0), SegmentConfig(batch_size=16))
+    assert [(r.slide_id, r.status) for r in results] == [("good", "ok"), ("dapi", "failed")]
+    assert "expects brightfield H&E" in results[1].error and "near-black" in results[1].error
+    assert (out / "good" / "summary.json").exists() and not (out / "dapi").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_models_that_cannot_segment_are_refused(tmp_path: Path, pretrained_run: Path) -> None:

@@ -17,6 +17,7 @@ from gsd_wsi.stages.tile_batch import SUMMARY_NAME, run_tile
 from gsd_wsi.stages.tile_config import TileConfig
 from gsd_wsi.store import STORE_NAME, PatchStore
 from gsd_wsi.stain import StainNormalizer
+from gsd_wsi.synthetic import write_fluorescence_slide
 
 
 def _summary(out: Path) -> dict[str, dict[str, str]]:
@@ -159,7 +160,7 @@ def test_crash_leaves_no_finished_looking_output(synthetic_tiff, tmp_path: Path,
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # an interruption mid-slide, not an ordinary failure
 
-    monkeypatch.setattr("gsd_wsi.stages.tile_batch.fill_shards", crash)
+    monkeypatch.setattr("gsd_wsi.stages.tile.fill_shards", crash)
     with pytest.raises(KeyboardInterrupt):
         run_tile([synthetic_tiff.path], tmp_path, TileConfig(tile_px=128, stain="none"))
     assert not (tmp_path / "synth").exists()
@@ -178,6 +179,15 @@ def test_duplicate_ids_fail_only_those(synthetic_tiff, tmp_path: Path) -> None:
     results = run_tile([synthetic_tiff.path, copy], tmp_path / "out", TileConfig(tile_px=128, stain="none"))
     assert [r.status for r in results] == ["failed", "failed"]
     assert "shared by" in results[0].error
+
+
+def test_fluorescence_slide_is_refused(synthetic_tiff, tmp_path: Path) -> None:
+    dapi = write_fluorescence_slide(tmp_path / "in" / "dapi.tiff")
+    results = run_tile([synthetic_tiff.path, dapi], tmp_path / "out", TileConfig(tile_px=128, stain="macenko"))
+    assert [(r.slide_id, r.status) for r in results] == [("synth", "ok"), ("dapi", "failed")]
+    assert "expects brightfield H&E" in results[1].error and "near-black" in results[1].error
+    assert results[0].n_patches > 0 and _summary(tmp_path / "out")["dapi"]["status"] == "failed"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["synth"]  # nothing for dapi
 
 
 @pytest.mark.parametrize(

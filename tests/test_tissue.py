@@ -7,6 +7,7 @@ same scene can be rendered at several mpp), with sensor noise added last.
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -15,9 +16,15 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-from gsd_wsi.errors import ConfigError
+from gsd_wsi.errors import ConfigError, NotBrightfieldError
 from gsd_wsi.qc import OUTLINE_RGB, render_tissue_qc, save_png
-from gsd_wsi.tissue import TissueConfig, detect_tissue
+from gsd_wsi.slide import open_slide
+from gsd_wsi.synthetic import (
+    SyntheticSlideSpec,
+    write_fluorescence_slide,
+    write_synthetic_slide,
+)
+from gsd_wsi.tissue import DARK_VALUE, TissueConfig, check_brightfield, detect_tissue
 
 H_OD = np.array([0.65, 0.70, 0.29])
 E_OD = np.array([0.07, 0.99, 0.11])
@@ -305,6 +312,50 @@ def test_real_slide_cmu1(slides_dir):
     assert not mask[:20, -40:].any() and not mask[-30:, :15].any()
     lum = rgb.mean(axis=2)
     assert np.median(lum[mask]) < np.median(lum[~mask]) - 40
+
+
+def _slide_thumbnail(path, mpp: float | None = None) -> np.ndarray:
+    with open_slide(path, mpp=mpp) as slide:  # mpp only for files that state none (boxes.tiff)
+        return slide.thumbnail(max(8.0, slide.mpp))[0]
+
+
+@pytest.mark.parametrize("name", ["small.svs", "CMU-1-Small-Region.svs", "boxes.tiff"])
+def test_brightfield_check_passes_real_slides(slides_dir, name):
+    check_brightfield(_slide_thumbnail(slides_dir / name, mpp=0.5), name)
+
+
+def test_brightfield_check_passes_borders_and_pen(artefacts, tmp_path):
+    rgb, _ = _render(artefacts, 8.0)
+    assert (rgb.max(axis=2) < DARK_VALUE).mean() > 0.01, "the scene has a near-black border and ink"
+    check_brightfield(rgb, "scene")
+    for seed in (1, 2):
+        spec = SyntheticSlideSpec(width_px=2048, height_px=2048, black_border=True, pen_marks=True, seed=seed)
+        thumb = _slide_thumbnail(write_synthetic_slide(tmp_path / f"bf{seed}.svs", spec).path)
+        check_brightfield(thumb, f"bf{seed}")
+    # most of the thumbnail under a black fill, but glass beside it: still brightfield
+    filled = rgb.copy()
+    filled[:, : int(0.8 * rgb.shape[1])] = 16
+    check_brightfield(filled, "filled")
+    check_brightfield(np.zeros((0, 4, 3), np.uint8), "empty")  # nothing to measure
+
+
+def test_brightfield_check_refuses_fluorescence(tmp_path):
+    path = write_fluorescence_slide(tmp_path / "dapi.tiff", seed=1)
+    with open_slide(path) as slide:
+        assert slide.mpp == 0.5
+        level0 = slide.read_level_region(0, (0, 0), slide.dimensions)
+    assert level0[..., 2].max() > 150 and np.median(level0.max(axis=2)) < 20, "bright blue nuclei on black"
+    with pytest.raises(NotBrightfieldError, match="expects brightfield H&E") as info:
+        check_brightfield(_slide_thumbnail(path), "dapi")
+    assert isinstance(info.value, ValueError) and info.value.args[0].startswith("dapi: ")
+    near_black = int(re.search(r"(\d+) % of its thumbnail is near-black", str(info.value)).group(1))
+    assert near_black >= 80 and "fluorescence" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [0, 30])
+def test_brightfield_check_refuses_black(value):
+    with pytest.raises(NotBrightfieldError, match=f"entirely black \\(brightest pixel {value}/255\\)"):
+        check_brightfield(np.full((40, 50, 3), value, np.uint8), "black")
 
 
 def test_qc_picture(clean, tmp_path):

@@ -322,6 +322,66 @@ def evaluate(
 
 
 @app.command()
+def cohort(
+    slides: Annotated[list[Path], typer.Argument(help="CSV manifests (column path; optional slide_id, mpp, tissue-detection overrides), slide files or folders.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: OUT/<slide_id>/{status.json,tile/,segment/}, cohort_summary.csv, report.html.")],
+    model: Annotated[Optional[Path], typer.Option("--model", help="Fine-tuned model for the segment stage (the `gsd-wsi finetune -o` folder).")] = None,
+    stages: Annotated[str, typer.Option(help="Stages to run per slide, in order: tile, segment or tile,segment.")] = "tile,segment",
+    scheduler: Annotated[str, typer.Option(help="'local' (a LocalCluster of --workers processes) or a dask scheduler address, e.g. tcp://head:8786.")] = "local",
+    workers: Annotated[int, typer.Option(help="Local worker processes (slides in parallel).")] = 2,
+    threads_per_worker: Annotated[int, typer.Option(help="Slides at once in each local worker process.")] = 1,
+    retries: Annotated[int, typer.Option(help="Extra tries for transient errors (I/O) and for a worker that dies mid-slide.")] = 1,
+    timeout_per_slide: Annotated[Optional[float], typer.Option(help="Stop a slide's stage after this many seconds and record it failed.")] = None,
+    gpu_resource: Annotated[bool, typer.Option(help="Segment tasks ask for resources={'GPU': 1} (workers started with --resources GPU=1).")] = False,
+    tile_mpp: Annotated[float, typer.Option(help="tile: resolution of the patches, um/px.")] = 0.5,
+    tile_px: Annotated[int, typer.Option(help="tile: patch size in pixels.")] = 256,
+    min_tissue: Annotated[float, typer.Option(help="tile: keep patches with at least this tissue fraction.")] = 0.5,
+    stain: Annotated[str, typer.Option(help="tile: stain normalisation: macenko, reinhard, vahadane or none.")] = "macenko",
+    overlap: Annotated[float, typer.Option(help="segment: overlap of neighbouring windows, a fraction of the window.")] = 0.25,
+    batch_size: Annotated[int, typer.Option(help="segment: windows per forward pass.")] = 8,
+    device: Annotated[str, typer.Option(help="segment: auto, cpu or cuda.")] = "auto",
+    probabilities: Annotated[bool, typer.Option("--probabilities/--no-probabilities", help="segment: also write class probabilities.")] = False,
+    min_area_um2: Annotated[float, typer.Option(help="segment: leave regions smaller than this (um^2) out of the GeoJSON.")] = 0.0,
+    slide_mpp: Annotated[Optional[float], typer.Option(help="Resolution for slides whose files and manifest state none, um/px.")] = None,
+    thumb_mpp: Annotated[float, typer.Option(help="Resolution of the thumbnail for tissue detection, um/px.")] = 8.0,
+    backend: Annotated[str, typer.Option(help="Slide reader: auto, tifffile, openslide, image, tiatoolbox.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Redo finished slides, also those made with another model or settings.")] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write OUT/report.html.")] = True,
+) -> None:
+    """Many slides through tile and segment on dask.distributed: resumable, failures isolated, with a report."""
+    from gsd_wsi.cli.progress import CohortProgressBar
+    from gsd_wsi.stages.cohort import CohortConfig, run_cohort
+    from gsd_wsi.stages.segment_config import SegmentConfig
+    from gsd_wsi.stages.tile_config import TileConfig
+    from gsd_wsi.tissue import TissueConfig
+
+    try:
+        tissue = TissueConfig(thumb_mpp=thumb_mpp)
+        config = CohortConfig(
+            stages=tuple(s.strip() for s in stages.split(",") if s.strip()), scheduler=scheduler, workers=workers,
+            threads_per_worker=threads_per_worker, retries=retries, timeout_per_slide_s=timeout_per_slide,
+            overwrite=overwrite, gpu_resource=gpu_resource, report=report,
+            tile=TileConfig(mpp=tile_mpp, tile_px=tile_px, min_tissue=min_tissue, stain=stain, tissue=tissue,  # type: ignore[arg-type]
+                            backend=backend),
+            segment=SegmentConfig(overlap=overlap, batch_size=batch_size, device=device, probabilities=probabilities,  # type: ignore[arg-type]
+                                  min_area_um2=min_area_um2, tissue=tissue, backend=backend),
+        )
+        result = run_cohort(list(slides), out, model, config, slide_mpp=slide_mpp, progress=CohortProgressBar(console))
+    except GsdWsiError as exc:
+        raise _fail(exc) from exc
+    n = len(result.slides)
+    console.print(
+        f"{n} slide(s): [green]done {result.count('done')}[/], [cyan]skipped {result.count('skipped')}[/], "
+        f"[yellow]no tissue {result.count('no_tissue')}[/], [bold red]failed {result.count('failed')}[/] in "
+        f"{result.wall_s:.1f} s ({result.slides_per_hour:,.0f} slides/h)", highlight=False)
+    console.print(f"summary: {result.summary_path}", highlight=False)
+    if result.report_path is not None:
+        console.print(f"report: {result.report_path}", highlight=False)
+    if result.count("failed"):
+        raise typer.Exit(1)
+
+
+@app.command()
 def segment(
     slides: Annotated[list[Path], typer.Argument(help="Slide files, folders of slides, or CSV manifests (column path; optional slide_id, mpp).")],
     model: Annotated[Path, typer.Option("--model", help="Fine-tuned model: the `gsd-wsi finetune -o` run folder or its model/ folder.")],

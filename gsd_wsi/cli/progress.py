@@ -101,3 +101,40 @@ class ImageProgressBar:
 
     def __call__(self, done: int, total: int, name: str) -> None:
         self._bars.update(self._task, completed=done, total=total, note=name)
+
+
+class CohortProgressBar:
+    """One bar over slides with the counts so far and slides per hour; prints each failure."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._bars = RichProgress(
+            TextColumn("slides"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=False,
+        )
+        self._task = self._bars.add_task("slides", total=0, counts="", rate="", start=False)
+        self._counts = {"done": 0, "skipped": 0, "no_tissue": 0, "failed": 0}
+        self._worked = 0
+
+    def start(self, n_slides: int, dashboard: str | None) -> None:
+        if dashboard:
+            self.console.print(f"dask dashboard: {dashboard}", highlight=False)
+        self._bars.start()
+        self._bars.update(self._task, total=n_slides)
+        self._bars.start_task(self._task)
+
+    def stage_done(self, record: Any) -> None:
+        if record.status == "failed" and record.error_kind != "not run":
+            self._bars.console.print(f"[bold red]failed[/] {record.slide_id} ({record.stage}): {record.error}",
+                                     highlight=False, soft_wrap=True)
+
+    def slide_done(self, outcome: Any) -> None:
+        self._counts[outcome.status] = self._counts.get(outcome.status, 0) + 1
+        self._worked += outcome.status != "skipped"
+        elapsed = self._bars.tasks[self._task].elapsed or 0.0
+        rate = f"{self._worked / elapsed * 3600:,.0f} slides/h" if elapsed > 0 and self._worked else ""
+        counts = " ".join(f"{k.replace('_', ' ')} {v}" for k, v in self._counts.items() if v)
+        self._bars.update(self._task, advance=1, counts=counts, rate=rate)
+
+    def finish(self) -> None:
+        self._bars.stop()

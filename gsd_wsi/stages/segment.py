@@ -44,7 +44,7 @@ from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash, 
 from gsd_wsi.stages.segment_model import SegmentationModel, load_segmentation_model
 from gsd_wsi.stages.segment_windows import MaskFrame, WindowReader, mask_frame, plan_windows
 from gsd_wsi.stitch import BandStitcher, stride_for_overlap
-from gsd_wsi.tissue import detect_tissue
+from gsd_wsi.tissue import check_brightfield, detect_tissue
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,10 @@ def _fit_stains(reader: WindowReader, mask_xy: np.ndarray, own_tissue: np.ndarra
 
 def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path, out_dir: str | Path,
                   config: SegmentConfig = SegmentConfig(), slide_id: str | None = None, slide_mpp: float | None = None,
-                  overwrite: bool = False, progress: Progress | None = None) -> SegmentResult:
-    """Segment one slide into ``out_dir/<slide_id>/``; returns its result (raises on failure).
+                  overwrite: bool = False, progress: Progress | None = None,
+                  slide_dir: Path | None = None) -> SegmentResult:
+    """Segment one slide into ``out_dir/<slide_id>/`` (or ``slide_dir`` when given); returns
+    its result (raises on failure).
 
     ``model`` is a loaded :class:`SegmentationModel` or the folder `gsd-wsi finetune` wrote.
     A finished output with the same settings hash (model included) is kept (``skipped``); one
@@ -181,7 +183,7 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
     if not isinstance(model, SegmentationModel):
         model = load_segmentation_model(model, device=config.device)
     assert model.mpp is not None
-    final_dir = out_dir / slide_id
+    final_dir = Path(slide_dir) if slide_dir is not None else out_dir / slide_id
     with open_slide(slide_path, mpp=slide_mpp, backend=config.backend) as slide:  # type: ignore[arg-type]
         digest = segment_settings_hash(config, model.digest, slide.mpp, slide_path.stat().st_size)
         existing = read_summary(final_dir)
@@ -199,6 +201,7 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
             logger.info("%s: tissue detected at %.3g um/px (a thumbnail of at most %g Mpx)", slide_id, thumb_mpp,
                         config.tissue_max_mpx)
         thumb, thumb_scale = slide.thumbnail(thumb_mpp)
+        check_brightfield(thumb, slide_id)
         slide.limit_cache(_SLIDE_CACHE_BYTES)  # this handle only reads thumbnails; windows have their own
         thumb_mpp_xy = (slide.mpp * thumb_scale[0], slide.mpp * thumb_scale[1])
         tissue = detect_tissue(thumb, (thumb_mpp_xy[0] + thumb_mpp_xy[1]) / 2,

@@ -9,6 +9,7 @@ normalise and write whole shards; any process may take any shard) and :func:`fin
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -30,13 +31,14 @@ from gsd_wsi.atomic import replace_dir, temporary_sibling
 from gsd_wsi.grid import TileGrid, make_grid, tissue_fractions
 from gsd_wsi.imageops import resize_rgb
 from gsd_wsi.manifest import SlideInput
+from gsd_wsi.progress import NullProgress, Progress
 from gsd_wsi.qc import render_tissue_qc, save_png
 from gsd_wsi.slide import Slide, open_slide
 from gsd_wsi.stain import StainNormalizer, make_normalizer
 from gsd_wsi.stages.batch import Status
 from gsd_wsi.stages.tile_config import TileConfig, settings_hash
 from gsd_wsi.store import STORE_NAME, create_store, open_images_for_writing, read_store_attrs, shard_ranges
-from gsd_wsi.tissue import detect_tissue
+from gsd_wsi.tissue import check_brightfield, detect_tissue
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +103,14 @@ def read_tiles(slide: Slide, grid_level: int, read_xy: np.ndarray, read_px: int,
 
 
 def plan_slide(item: SlideInput, out_dir: Path, config: TileConfig, target_rgb: np.ndarray | None,
-               overwrite: bool = False) -> SlidePlan | SlideResult:
-    """Steps before reading tiles. Returns a result instead of a plan when nothing is left to do."""
+               overwrite: bool = False, slide_dir: Path | None = None) -> SlidePlan | SlideResult:
+    """Steps before reading tiles. Returns a result instead of a plan when nothing is left to do.
+
+    The slide's outputs go to ``out_dir/<slide_id>/``, or to ``slide_dir`` when given.
+    """
     started = time.perf_counter()
-    final_dir = out_dir / item.slide_id
+    config = dataclasses.replace(config, tissue=item.tissue_config(config.tissue))  # the manifest's overrides
+    final_dir = Path(slide_dir) if slide_dir is not None else out_dir / item.slide_id
     with open_slide(item.path, mpp=item.mpp, backend=config.backend) as slide:  # type: ignore[arg-type]
         digest = settings_hash(config, slide.mpp, item.path.stat().st_size)
         existing = read_store_attrs(final_dir / STORE_NAME)
@@ -115,6 +121,7 @@ def plan_slide(item: SlideInput, out_dir: Path, config: TileConfig, target_rgb: 
 
         grid = make_grid(slide, config.mpp, config.tile_px, config.stride)
         thumb, thumb_scale = slide.thumbnail(config.tissue.thumb_mpp)
+        check_brightfield(thumb, item.slide_id)
         thumb_mpp = slide.mpp * (thumb_scale[0] + thumb_scale[1]) / 2.0
         tissue = detect_tissue(thumb, thumb_mpp, config.tissue)
         fractions = tissue_fractions(grid, tissue, thumb_scale)
@@ -300,6 +307,24 @@ def finish_slide(plan: SlidePlan) -> SlideResult:
 def abandon_slide(plan: SlidePlan) -> None:
     _cache.close()
     shutil.rmtree(plan.tmp_dir, ignore_errors=True)
+
+
+def tile_slide(item: SlideInput, out_dir: Path, config: TileConfig, target_rgb: np.ndarray | None = None,
+               overwrite: bool = False, slide_dir: Path | None = None, progress: Progress | None = None,
+               threads: int = FILL_THREADS) -> SlideResult:
+    """One slide from start to finish in this process (plan, fill every shard, finish)."""
+    progress = progress or NullProgress()
+    planned = plan_slide(item, out_dir, config, target_rgb, overwrite, slide_dir)
+    if isinstance(planned, SlideResult):
+        return planned
+    try:
+        progress.slide_started(item.slide_id, planned.n_patches)
+        fill_shards(planned, list(range(len(planned.shards))), planned_read_xy(planned), on_shard=progress.tiles_done,
+                    threads=threads)
+        return finish_slide(planned)
+    except Exception:  # an interruption leaves its temporary to the next run's clean-up, as a kill does
+        abandon_slide(planned)
+        raise
 
 
 def planned_read_xy(plan: SlidePlan) -> np.ndarray:

@@ -23,6 +23,7 @@ from gsd_wsi.slide.image_backend import read_plain_image
 from gsd_wsi.stages.batch import BatchRun, worker_pool
 from gsd_wsi.stages.tile import (
     FILL_THREADS, SlidePlan, SlideResult, abandon_slide, fill_shards, finish_slide, plan_slide, planned_read_xy,
+    tile_slide,
 )
 from gsd_wsi.stages.tile_config import TileConfig
 
@@ -84,19 +85,9 @@ class _Run:
 
 def _run_serial(todo: list[tuple[int, SlideInput]], run: _Run) -> None:
     for index, item in todo:
-        plan: SlidePlan | None = None
         try:
-            planned = plan_slide(*run.plan_args(item))
-            if isinstance(planned, SlideResult):
-                run.record(index, planned)
-                continue
-            plan = planned
-            run.progress.slide_started(item.slide_id, plan.n_patches)
-            fill_shards(plan, list(range(len(plan.shards))), planned_read_xy(plan), on_shard=run.progress.tiles_done)
-            run.record(index, finish_slide(plan))
+            run.record(index, tile_slide(*run.plan_args(item), progress=run.progress))
         except Exception as exc:  # one slide's failure never stops the others
-            if plan is not None:
-                abandon_slide(plan)
             run.fail(index, item, exc)
 
 
