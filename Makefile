@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the demo pipeline: a synthetic slide, tiled (pipelines/demo.yaml)
+demo: $(STAMP)  ## the whole loop on synthetic slides: tile, pretrain, finetune, segment, report (pipelines/demo.yaml)
 	$(BIN)/gsd-wsi run pipelines/demo.yaml -o demo-out
 
 test: $(STAMP)  ## the test suite CI runs (slow tests excluded)

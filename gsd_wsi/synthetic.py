@@ -398,15 +398,28 @@ def _pool4(a: np.ndarray) -> np.ndarray:
     return ((r[:, 0::4] + r[:, 1::4] + r[:, 2::4] + r[:, 3::4] + 8) >> 4).astype(np.uint8)
 
 
+def _pyramid_downsamples(spec: SyntheticSlideSpec) -> list[int]:
+    downsamples = [1]
+    while max(spec.width_px, spec.height_px) // downsamples[-1] > 2 * spec.file_tile_px:
+        downsamples.append(downsamples[-1] * 4)
+    return downsamples
+
+
+def synthetic_truth(path: Path, spec: SyntheticSlideSpec) -> SyntheticSlide:
+    """The ground truth of the slide ``spec`` draws (written before to ``path``), without
+    drawing it again: the scene is a deterministic function of the spec."""
+    scene = _Scene(spec)
+    return SyntheticSlide(path=Path(path), spec=spec, mask_downsample=scene.ds,
+                          level_downsamples=tuple(_pyramid_downsamples(spec)), **scene.masks())
+
+
 def write_synthetic_slide(path: Path, spec: SyntheticSlideSpec = SyntheticSlideSpec()) -> SyntheticSlide:
     """Render ``spec`` and write it atomically to ``path``; returns the ground truth."""
     path = Path(path)
     t0 = time.perf_counter()
     scene = _Scene(spec)
     W, H, T, q = spec.width_px, spec.height_px, spec.file_tile_px, spec.jpeg_quality
-    downsamples = [1]
-    while max(W, H) // downsamples[-1] > 2 * T:
-        downsamples.append(downsamples[-1] * 4)
+    downsamples = _pyramid_downsamples(spec)
     levels = [np.zeros((H // 4, W // 4, 3), np.uint8)] if len(downsamples) > 1 else []
 
     def level0_tiles() -> Iterator[np.ndarray]:  # also fills level 1 with 4x4 area averages

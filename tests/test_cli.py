@@ -43,21 +43,27 @@ def test_run_pipeline_and_synth(tmp_path: Path) -> None:
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(
         "name: t\nsynthetic_slides:\n  - {slide_id: s, width_px: 2048, height_px: 1536, mpp: 0.5, seed: 2}\n"
+        "cohort: {workers: 1}\n"
         "tile: {tile_px: 32, stain: reinhard}\n"
         "pretrain: {model: tiny, image_size: 32, batch_size: 4, steps: 2, num_workers: 0, val_fraction: 0,\n"
         "           sample_every: 2, checkpoint_every: 2, sample_steps: 2, n_samples: 1}\n"
     )
     result = runner.invoke(app, ["run", str(pipeline), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "QC picture" in result.output and (tmp_path / "out" / "tiles" / "s" / "tissue.png").is_file()
-    assert "pretrained U-Net" in result.output
+    assert "tiled 1 slide(s) (done 1)" in result.output
+    assert (tmp_path / "out" / "cohort" / "s" / "tile" / "tissue.png").is_file()
+    assert "pretrained U-Net" in result.output and "report:" in result.output
     assert (tmp_path / "out" / "pretrain" / "model" / "model.safetensors").is_file()
     again = runner.invoke(app, ["run", str(pipeline), "-o", str(tmp_path / "out")])
-    assert again.exit_code == 0 and "skipped" in again.output  # finished work is kept
+    assert again.exit_code == 0 and "skipped 1" in again.output  # finished work is kept
+    changed = runner.invoke(app, ["run", str(pipeline), "-o", str(tmp_path / "out"), "--set", "tile.tile_px=64"])
+    assert changed.exit_code == 2 and "--overwrite" in changed.output  # other settings: refused, not mixed
     bad = tmp_path / "bad.yaml"
     bad.write_text("tile: {tile_pixels: 3}\n")
     result = runner.invoke(app, ["run", str(bad), "-o", str(tmp_path / "o2")])
     assert result.exit_code == 2 and "unknown setting" in result.output
+    result = runner.invoke(app, ["run", str(pipeline), "-o", str(tmp_path / "o3"), "--set", "tile"])
+    assert result.exit_code == 2 and "section.key=value" in result.output
 
     result = runner.invoke(app, ["synth", str(tmp_path / "x.tiff"), "--width-px", "1024", "--height-px", "768"])
     assert result.exit_code == 0 and (tmp_path / "x.tiff").is_file()

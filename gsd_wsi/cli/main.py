@@ -121,30 +121,41 @@ def _exit_if_failed(results: list) -> None:
 
 @app.command()
 def run(
-    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML (see pipelines/demo.yaml).")],
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML (pipelines/demo.yaml, monuseg.yaml, cohort-segment.yaml).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value (YAML value), e.g. finetune.epochs=5; repeatable.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo finished stages (training runs, slides) instead of keeping them.")] = False,
 ) -> None:
     """Run the stages of a pipeline file, in order (`make demo` runs pipelines/demo.yaml)."""
-    from gsd_wsi.cli.progress import TileProgressBars, TrainProgressBars
+    from gsd_wsi.cli.progress import CohortProgressBar, TrainProgressBars
     from gsd_wsi.stages.pipeline import run_pipeline
-    from gsd_wsi.stages.tile import QC_NAME
-    from gsd_wsi.store import STORE_NAME
 
     try:
-        result = run_pipeline(pipeline, out, progress=TileProgressBars(console), pretrain_progress=TrainProgressBars)
+        result = run_pipeline(pipeline, out, overrides=set_ or [], overwrite=overwrite,
+                              progress=lambda: CohortProgressBar(console), train_progress=TrainProgressBars)
     except GsdWsiError as exc:
         raise _fail(exc) from exc
-    for r in result.tile_results:
-        style = _STATUS_STYLE.get(r.status, "")
-        console.print(f"[{style}]{r.status:>9}[/] {r.slide_id}: {r.n_patches} patches {r.error}", highlight=False)
-        if r.status in ("ok", "skipped", "no_tissue"):
-            console.print(f"          patches: {result.tiles_dir / r.slide_id / STORE_NAME}", highlight=False)
-            console.print(f"          QC picture: {result.tiles_dir / r.slide_id / QC_NAME}", highlight=False)
+    lines = []
+    for label, cohort_result in (("tiled", result.tile), ("segmented", result.segment)):
+        if cohort_result is not None:
+            counts = ", ".join(f"{s.replace('_', ' ')} {cohort_result.count(s)}" for s in
+                               ("done", "skipped", "no_tissue", "failed") if cohort_result.count(s))
+            lines.append(f"{label} {len(cohort_result.slides)} slide(s) ({counts}) in {cohort_result.wall_s:.0f} s: "
+                         f"{result.cohort_dir}/<slide_id>/")
     if result.pretrain_dir is not None:
-        console.print(f"pretrained U-Net: {result.pretrain_dir / 'model'}", highlight=False)
-        console.print(f"          loss curve: {result.pretrain_dir / 'loss.png'}   samples and denoising: "
-                      f"{result.pretrain_dir / 'samples'}", highlight=False)
-    if any(r.status == "failed" for r in result.tile_results):
+        lines.append(f"pretrained U-Net: {result.pretrain_dir / 'model'} (loss curve {result.pretrain_dir / 'loss.png'}, "
+                     f"samples {result.pretrain_dir / 'samples'})")
+    if result.labels_dir is not None:
+        lines.append(f"labelled images: {result.labels_dir} (images/, masks/)")
+    if result.finetune_dir is not None:
+        lines.append(f"segmentation model: {result.finetune_dir / 'model'}")
+    if result.evaluate is not None:
+        lines.append(f"evaluation: {result.out_dir / 'evaluate' / 'metrics.json'}")
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    if result.report_path is not None:
+        console.print(f"[bold]report:[/] {result.report_path}  (open it in a browser)", highlight=False, soft_wrap=True)
+    if result.n_failed:
         raise typer.Exit(1)
 
 

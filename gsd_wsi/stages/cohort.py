@@ -69,6 +69,7 @@ class CohortConfig:
     stale_lock_s: float = DEFAULT_STALE_S
     overwrite: bool = False
     gpu_resource: bool = False          # segment tasks ask for resources={"GPU": 1}
+    report_title: str | None = None     # default: the output folder's name
     tile: TileConfig = field(default_factory=TileConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     report: bool = True
@@ -247,7 +248,9 @@ def dask_client(config: CohortConfig) -> Iterator[Any]:
         "distributed.scheduler.worker-saturation": 1.0,
         "distributed.comm.timeouts.connect": f"{config.connect_timeout_s}s",
     }
-    with dask.config.set(settings):  # held for the run: a restarted worker reads it again
+    quiet = logging.getLogger("gsd_wsi").getEffectiveLevel() > logging.DEBUG
+    with dask.config.set(settings), _log_level("distributed", logging.WARNING if quiet else logging.INFO):
+        # the settings are held for the whole run: a restarted worker reads them again
         if config.scheduler == "local":
             # a free port, so that concurrent runs on one machine each get a dashboard (with bokeh)
             with LocalCluster(n_workers=config.workers, threads_per_worker=config.threads_per_worker, processes=True,
@@ -264,6 +267,18 @@ def dask_client(config: CohortConfig) -> Iterator[Any]:
                     f"runs there, or use --scheduler local") from exc
             with client:
                 yield client
+
+
+@contextmanager
+def _log_level(name: str, level: int) -> Iterator[None]:
+    """dask's scheduler and nannies log every worker start and stop at INFO; -v shows them."""
+    log = logging.getLogger(name)
+    before = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
 
 
 def _dashboard(client: Any, local: bool) -> str | None:
@@ -496,6 +511,6 @@ def write_cohort_report(result: CohortResult, config: CohortConfig, model_dir: P
     settings = {"stages": ",".join(config.ordered_stages), "model": str(model_dir) if model_dir else "",
                 "scheduler": config.scheduler, "workers": config.workers, "gsd_wsi_version": __version__,
                 "settings": config.to_dict()}
-    return write_report(result.out_dir / REPORT_NAME, rows, title=f"gsd-wsi cohort: {result.out_dir.name}",
+    return write_report(result.out_dir / REPORT_NAME, rows, title=config.report_title or f"gsd-wsi cohort: {result.out_dir.name}",
                         settings=settings, wall_s=result.wall_s)
 

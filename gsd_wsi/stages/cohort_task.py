@@ -128,8 +128,8 @@ def run_stage_task(job: StageJob) -> StageRecord:
             previous = read_status(slide_dir)["stages"].get(job.stage, {})
             same = previous.get("settings_hash") == job.settings_hash
             if same and previous.get("status") in FINISHED and not job.overwrite and _outputs_exist(job):
-                kept = StageRecord.from_status(slide_id, job.stage, previous)
-                return dataclasses.replace(kept, status="skipped", seconds=0.0, details=kept.details)
+                # skipped, with what the run that did it recorded (its seconds, sizes, areas)
+                return dataclasses.replace(StageRecord.from_status(slide_id, job.stage, previous), status="skipped")
             attempts = int(previous.get("attempts", 0)) + 1 if same and previous.get("status") in ("failed", "running") else 1
             _record(job, StageRecord(slide_id, job.stage, "running", job.settings_hash, attempts, host=this_host()))
             return _run_claimed(job, attempts)
