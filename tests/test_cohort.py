@@ -84,6 +84,9 @@ def test_mixed_cohort_records_each_failure_and_renders(good_slide: Path, model: 
                                  "dapi": "failed"}
     errors = {s.slide.slide_id: s.records["tile"].error for s in result.slides}
     assert "corrupt" in errors["broken"] and "--slide-mpp" in errors["no-mpp"] and "brightfield" in errors["dapi"]
+    for sid in ("broken", "no-mpp", "dapi"):  # a slide's own errors are not retried
+        assert read_status(out / sid)["stages"]["tile"]["attempts"] == 1
+        assert result.slides[[s.slide.slide_id for s in result.slides].index(sid)].records["segment"].error_kind == "not run"
     for sid in ("good0", "good1"):
         state = read_status(out / sid)["stages"]
         assert state["tile"]["status"] == state["segment"]["status"] == "done"
@@ -175,6 +178,39 @@ def test_resume_after_sigkill_of_the_whole_run(good_slide: Path, model: Path, tm
     for sid, stages in before.items():  # finished before the kill: not redone
         assert read_status(out / sid)["stages"]["segment"]["updated"] == stages["segment"]["updated"]
     assert "skipped" in rerun.stderr
+
+
+def test_a_slide_over_its_time_limit_fails_alone(good_slide: Path, model: Path, tmp_path: Path) -> None:
+    result = run_cohort([good_slide], tmp_path / "out", model, _config(workers=1, timeout_per_slide_s=0.01,
+                                                                       report=False))
+    record = result.slides[0].records["tile"]
+    assert record.status == "failed" and record.error_kind == "SlideTimeoutError" and record.attempts == 1
+    assert "--timeout-per-slide" in record.error
+    assert not [p for p in (tmp_path / "out" / "good").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_transient_errors_are_raised_for_a_retry_and_counted(good_slide: Path, tmp_path: Path, monkeypatch) -> None:
+    from gsd_wsi.manifest import SlideInput
+    from gsd_wsi.stages import cohort_task
+
+    calls = []
+
+    def flaky(job):
+        calls.append(job.slide.slide_id)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")  # an NFS hiccup
+        (job.slide_dir / "tile").mkdir()
+        return "done", {"n_patches": 3}
+
+    monkeypatch.setitem(cohort_task._STAGE_RUNNERS, "tile", flaky)
+    job = cohort_task.StageJob(SlideInput(good_slide, "good"), "tile", tmp_path, "h1", TILE, SEGMENT, None)
+    with pytest.raises(cohort_task.TransientSlideError, match="Input/output error"):
+        cohort_task.run_stage_task(job)
+    assert read_status(tmp_path / "good")["stages"]["tile"]["status"] == "failed"
+    record = cohort_task.run_stage_task(job)  # what dask's retry does
+    assert record.status == "done" and record.attempts == 2 and not (tmp_path / "good" / LOCK_NAME).exists()
+    assert cohort_task.run_stage_task(job).status == "skipped"
+    assert not cohort_task.is_transient(ConfigError("bad")) and cohort_task.is_transient(TimeoutError())
 
 
 def test_two_concurrent_runs_do_each_slide_once(good_slide: Path, tmp_path: Path) -> None:
