@@ -322,7 +322,7 @@ def run_cohort(sources: Sequence[str | Path], out_dir: str | Path, model: str | 
         with dask_client(config) as client:
             dashboard = _dashboard(client, config.scheduler == "local")
             if dashboard:
-                logger.info("dask dashboard: %s", dashboard)
+                logger.debug("dask dashboard: %s", dashboard)
             progress.start(len(inputs), dashboard)
             run.execute(client)
     finally:
