@@ -244,7 +244,7 @@ def test_problems_are_all_listed_before_any_work(good_slide: Path, tmp_path: Pat
     for needle in ("shared by", "missing.svs", "'../escape'", "'/abs'", "'fast'", "min_object_um2"):
         assert needle in message, needle
     assert "7 problem(s)" in message
-    assert list(out.iterdir()) == [] and not (tmp_path / "escape").exists()
+    assert list(out.iterdir()) == [] and not (tmp_path / "escape").exists()  # no summary, no report
 
     no_path = tmp_path / "nopath.csv"
     no_path.write_text("file,slide_id\nx.svs,x\n")
@@ -252,8 +252,10 @@ def test_problems_are_all_listed_before_any_work(good_slide: Path, tmp_path: Pat
         run_cohort([no_path], out, None, _config(stages=("tile",)))
 
 
-def test_refusals_before_any_work(good_slide: Path, model: Path, tmp_path: Path) -> None:
+def test_refusals_before_any_work(good_slide: Path, model: Path, pretrained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="not a fine-tuned segmentation model"):
+        run_cohort([good_slide], out, pretrained_run, _config())
     with pytest.raises(ConfigError, match="needs --model"):
         run_cohort([good_slide], out, None, _config())
     not_a_model = tmp_path / "pretrain-run"

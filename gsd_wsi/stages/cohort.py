@@ -260,10 +260,10 @@ def dask_client(config: CohortConfig) -> Iterator[Any]:
         else:
             try:
                 client = Client(config.scheduler, timeout=f"{config.connect_timeout_s}s")
-            except (OSError, TimeoutError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 (refused, timed out, or not a dask scheduler at all)
                 raise SchedulerError(
                     f"cannot reach the dask scheduler at {config.scheduler} within {config.connect_timeout_s:g} s "
-                    f"({type(exc).__name__}: {exc}); check the address (tcp://HOST:8786) and that `dask scheduler` "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); check the address (tcp://HOST:8786) and that `dask scheduler` "
                     f"runs there, or use --scheduler local") from exc
             with client:
                 yield client
@@ -317,21 +317,19 @@ def run_cohort(sources: Sequence[str | Path], out_dir: str | Path, model: str | 
     _check_previous(out_dir, inputs, hashes, config)
 
     run = _Run(out_dir.resolve(), inputs, hashes, config, model_dir, progress)
-    dashboard = None
-    try:
-        with dask_client(config) as client:
-            dashboard = _dashboard(client, config.scheduler == "local")
-            if dashboard:
-                logger.debug("dask dashboard: %s", dashboard)
-            progress.start(len(inputs), dashboard)
+    with dask_client(config) as client:
+        dashboard = _dashboard(client, config.scheduler == "local")
+        if dashboard:
+            logger.debug("dask dashboard: %s", dashboard)
+        progress.start(len(inputs), dashboard)
+        try:
             run.execute(client)
-    finally:
-        progress.finish()
-        wall_s = time.perf_counter() - started
-        result = run.result(wall_s, dashboard)
-        write_summary(result, model_dir)
-        if config.report:
-            result = dataclasses.replace(result, report_path=write_cohort_report(result, config, model_dir))
+        finally:  # also when interrupted: the summary and report of what was done
+            progress.finish()
+            result = run.result(time.perf_counter() - started, dashboard)
+            write_summary(result, model_dir)
+            if config.report:
+                result = dataclasses.replace(result, report_path=write_cohort_report(result, config, model_dir))
     return result
 
 
