@@ -344,6 +344,7 @@ def cohort(
     retries: Annotated[int, typer.Option(help="Extra tries for transient errors (I/O) and for a worker that dies mid-slide.")] = 1,
     timeout_per_slide: Annotated[Optional[float], typer.Option(help="Stop a slide's stage after this many seconds and record it failed.")] = None,
     gpu_resource: Annotated[bool, typer.Option(help="Segment tasks ask for resources={'GPU': 1} (workers started with --resources GPU=1).")] = False,
+    stale_lock_s: Annotated[float, typer.Option(help="A slide's lock older than this (seconds) is taken for abandoned, on any host; a dead process's lock on this host is recovered at once.")] = 6 * 3600.0,
     tile_mpp: Annotated[float, typer.Option(help="tile: resolution of the patches, um/px.")] = 0.5,
     tile_px: Annotated[int, typer.Option(help="tile: patch size in pixels.")] = 256,
     min_tissue: Annotated[float, typer.Option(help="tile: keep patches with at least this tissue fraction.")] = 0.5,
@@ -371,7 +372,7 @@ def cohort(
         config = CohortConfig(
             stages=tuple(s.strip() for s in stages.split(",") if s.strip()), scheduler=scheduler, workers=workers,
             threads_per_worker=threads_per_worker, retries=retries, timeout_per_slide_s=timeout_per_slide,
-            overwrite=overwrite, gpu_resource=gpu_resource, report=report,
+            overwrite=overwrite, gpu_resource=gpu_resource, report=report, stale_lock_s=stale_lock_s,
             tile=TileConfig(mpp=tile_mpp, tile_px=tile_px, min_tissue=min_tissue, stain=stain, tissue=tissue,  # type: ignore[arg-type]
                             backend=backend),
             segment=SegmentConfig(overlap=overlap, batch_size=batch_size, device=device, probabilities=probabilities,  # type: ignore[arg-type]
