@@ -104,7 +104,7 @@ class ImageProgressBar:
 
 
 class CohortProgressBar:
-    """One bar over slides with the counts so far and slides per hour; prints each failure."""
+    """One bar over slides with the counts so far and slides per hour."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -124,9 +124,7 @@ class CohortProgressBar:
         self._bars.start_task(self._task)
 
     def stage_done(self, record: Any) -> None:
-        if record.status == "failed" and record.error_kind != "not run":
-            self._bars.console.print(f"[bold red]failed[/] {record.slide_id} ({record.stage}): {record.error}",
-                                     highlight=False, soft_wrap=True)
+        pass  # failures are logged as they come; the bar counts whole slides
 
     def slide_done(self, outcome: Any) -> None:
         self._counts[outcome.status] = self._counts.get(outcome.status, 0) + 1

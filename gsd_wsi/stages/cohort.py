@@ -327,7 +327,7 @@ def run_cohort(sources: Sequence[str | Path], out_dir: str | Path, model: str | 
         finally:  # also when interrupted: the summary and report of what was done
             progress.finish()
             result = run.result(time.perf_counter() - started, dashboard)
-            write_summary(result, model_dir)
+            write_summary(result)
             if config.report:
                 result = dataclasses.replace(result, report_path=write_cohort_report(result, config, model_dir))
     return result
@@ -434,7 +434,8 @@ class _Run:
     def _record(self, item: SlideInput, record: StageRecord) -> None:
         self.records[item.slide_id][record.stage] = record
         if record.status == "failed":
-            logger.error("%s: %s failed: %s", item.slide_id, record.stage, record.error)
+            log = logger.info if record.error_kind == "not run" else logger.error
+            log("%s: %s failed: %s", item.slide_id, record.stage, record.error)
         self.progress.stage_done(record)
         if record.stage == self.stages[-1]:
             self.progress.slide_done(SlideOutcome(item, dict(self.records[item.slide_id])))
@@ -445,8 +446,10 @@ class _Run:
             records = dict(self.records[item.slide_id])
             for stage in self.stages:  # an interrupted run: what is on disk, else "not run"
                 if stage not in records:
-                    entry = read_status(self.out_dir / item.slide_id)["stages"].get(stage)
-                    records[stage] = (StageRecord.from_status(item.slide_id, stage, entry) if entry else
+                    entry = read_status(self.out_dir / item.slide_id)["stages"].get(stage) or {}
+                    current = entry.get("settings_hash") == self.hashes[(item.slide_id, stage)]
+                    records[stage] = (StageRecord.from_status(item.slide_id, stage, entry)
+                                      if current and entry.get("status") in (*FINISHED, "failed") else
                                       StageRecord(item.slide_id, stage, "failed", error="not run (the run was stopped)",
                                                   error_kind="not run"))
             slides.append(SlideOutcome(item, records))
@@ -456,7 +459,7 @@ class _Run:
 # -- summary and report --------------------------------------------------------------------
 
 
-def write_summary(result: CohortResult, model_dir: Path | None) -> Path:
+def write_summary(result: CohortResult) -> Path:
     """``cohort_summary.csv``: one row per slide and stage."""
     class_names = sorted({name for s in result.slides for r in s.records.values()
                           for name in r.details.get("class_mm2", {})})
