@@ -14,11 +14,12 @@ threads, CPU).
 
 (a) Start-up, per number of workers: the LocalCluster and its Client, then in every worker
     what its first segment task pays once (imports, the model, torch's first forward pass),
-    and the cluster's shutdown.
+    the network alone on 8 batches (all workers at once), and the cluster's shutdown.
 (b) Cohort: run_cohort over the cohort with 1 and with 2 workers, a fresh output folder
     each time, repeats interleaved (1, 2, 1, 2, ...), each started on an idle machine. Wall
     time (cluster start-up and the report included), and the time from the cluster being up
-    to the last slide done; slides/hour of each; the speed-up of 2 workers over 1.
+    to the last slide done; slides/hour of each; the speed-up of 2 workers over 1. Once, for
+    reference, 1 worker held to one core (CPU affinity, which the workers inherit).
 (c) Fixed cost: the small slide through tile and segment in this process (run_stage_task,
     as a worker runs them, after a warm-up slide so that imports and the model are loaded),
     each step timed by wrapping the functions the stages call (exclusive times: a step
@@ -49,6 +50,7 @@ MODEL_MPP = 1.0
 PATCH_PX = 128
 COHORT_SLIDE = (8192, 6144)
 SMALL_SLIDE = (2048, 2048)
+NETWORK_BATCHES = 8  # batches of 16 windows timed in each worker at start-up (the network alone)
 
 
 # -- inputs --------------------------------------------------------------------------------
@@ -149,9 +151,11 @@ def _warm_worker(model_dir: str, torch_threads: int) -> dict[str, float]:
     windows = np.full((16, model.patch_px, model.patch_px, 3), 200, np.uint8)
     model.predict(windows)
     t3 = time.perf_counter()
-    model.predict(windows)
+    for _ in range(NETWORK_BATCHES):
+        model.predict(windows)
     t4 = time.perf_counter()
-    return {"imports_s": t1 - t0, "model_s": t2 - t1, "first_forward_s": t3 - t2, "next_forward_s": t4 - t3}
+    return {"imports_s": t1 - t0, "model_s": t2 - t1, "first_forward_s": t3 - t2,
+            "windows_per_s": NETWORK_BATCHES * len(windows) / (t4 - t3)}
 
 
 def startup(workers: int, model: Path) -> dict[str, Any]:
@@ -167,7 +171,8 @@ def startup(workers: int, model: Path) -> dict[str, Any]:
     t3 = time.perf_counter()
     steps = {k: max(w[k] for w in per_worker.values()) for k in next(iter(per_worker.values()))}
     return {"workers": workers, "cluster_s": t1 - t0, "warm_wall_s": t2 - t1, "close_s": t3 - t2,
-            "slowest_worker": steps, "per_worker": list(per_worker.values())}
+            "slowest_worker": steps, "per_worker": list(per_worker.values()),
+            "network_windows_per_s_all_workers": sum(w["windows_per_s"] for w in per_worker.values())}
 
 
 # -- (b) the cohort ------------------------------------------------------------------------
@@ -193,16 +198,24 @@ class _Clock:
         pass
 
 
-def cohort_run(paths: list[Path], out: Path, model: Path, workers: int) -> dict[str, Any]:
+def cohort_run(paths: list[Path], out: Path, model: Path, workers: int, cores: int | None = None) -> dict[str, Any]:
+    """run_cohort over ``paths`` with ``workers`` local workers, on the first ``cores`` cores
+    only when given (the workers inherit this process's CPU affinity)."""
     from gsd_wsi.stages.cohort import CohortConfig, run_cohort
 
     tile, segment = stage_configs()
     shutil.rmtree(out, ignore_errors=True)
     clock = _Clock()
-    t0 = time.perf_counter()
-    result = run_cohort(paths, out, model, CohortConfig(workers=workers, stages=("tile", "segment"), tile=tile,
-                                                        segment=segment, report=True), progress=clock)
-    wall = time.perf_counter() - t0
+    allowed = os.sched_getaffinity(0)
+    if cores is not None:
+        os.sched_setaffinity(0, sorted(allowed)[:cores])
+    try:
+        t0 = time.perf_counter()
+        result = run_cohort(paths, out, model, CohortConfig(workers=workers, stages=("tile", "segment"), tile=tile,
+                                                            segment=segment, report=True), progress=clock)
+        wall = time.perf_counter() - t0
+    finally:
+        os.sched_setaffinity(0, allowed)
     bad = [(s.slide.slide_id, s.status) for s in result.slides if s.status != "done"]
     assert not bad, bad
     assert clock.started is not None and len(clock.slides_done) == len(paths)
@@ -210,7 +223,8 @@ def cohort_run(paths: list[Path], out: Path, model: Path, workers: int) -> dict[
     stage_s = {stage: [s.records[stage].seconds for s in result.slides] for stage in ("tile", "segment")}
     summaries = [json.loads((out / s.slide.slide_id / "segment" / "summary.json").read_text()) for s in result.slides]
     return {
-        "workers": workers, "wall_s": wall, "run_cohort_wall_s": result.wall_s, "processing_s": processing,
+        "workers": workers, "cores": cores or len(allowed), "wall_s": wall, "run_cohort_wall_s": result.wall_s,
+        "processing_s": processing,
         "until_cluster_up_s": clock.started - t0, "after_last_slide_s": t0 + wall - max(clock.slides_done),
         "slides_per_hour": result.slides_per_hour, "slides_per_hour_processing": len(paths) / processing * 3600,
         "stage_s": stage_s, "task_s_total": sum(map(sum, stage_s.values())),
@@ -369,7 +383,7 @@ def fixed_costs(small: Path, out: Path, model: Path, repeats: int) -> dict[str, 
         timer = StepTimer()
         with timer.patched(client_steps if timed else []):
             t0 = time.perf_counter()
-            cohort.write_summary(result, model)
+            cohort.write_summary(result)
             cohort.write_cohort_report(result, cohort.CohortConfig(workers=1, tile=tile, segment=segment), model)
             seconds["client"] = time.perf_counter() - t0
         steps["client"] = timer.seconds
@@ -397,48 +411,62 @@ def fixed_costs(small: Path, out: Path, model: Path, repeats: int) -> dict[str, 
 
 
 def cohort_table(runs: list[dict[str, Any]], n_slides: int) -> tuple[list[str], dict[str, Any]]:
-    best = {w: min((r for r in runs if r["workers"] == w), key=lambda r: r["wall_s"])
-            for w in sorted({r["workers"] for r in runs})}
-    lines = [("| workers | wall s (all runs) | best wall s | slides/h | cluster up s | cluster up -> last slide s | "
-              "slides/h without start-up | task s per slide: tile / segment | busy cores |"),
-             "|---:|---|---:|---:|---:|---:|---:|---|---:|"]
-    for w, r in best.items():
-        walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs if x["workers"] == w)
+    cases = sorted({(r["workers"], r["cores"]) for r in runs}, key=lambda c: (-c[1], c[0]))
+    best = {c: min((r for r in runs if (r["workers"], r["cores"]) == c), key=lambda r: r["wall_s"]) for c in cases}
+    lines = [("| workers | cores | wall s (each run) | slides/h | cluster up s | cluster up -> last slide s | "
+              "slides/h without start-up | task s per slide: tile / segment | network windows/s | tasks at once |"),
+             "|---:|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+    for (workers, cores), r in best.items():
+        walls = ", ".join(f"{x['wall_s']:.1f}" for x in runs if (x["workers"], x["cores"]) == (workers, cores))
         per_tile = sum(r["stage_s"]["tile"]) / n_slides
         per_seg = sum(r["stage_s"]["segment"]) / n_slides
-        lines.append(f"| {w} | {walls} | {r['wall_s']:.1f} | {r['slides_per_hour']:.0f} | {r['until_cluster_up_s']:.1f} | "
+        network = r["n_windows"] * workers / r["network_s_total"]  # the workers' networks run side by side
+        lines.append(f"| {workers} | {cores} | {walls} | {r['slides_per_hour']:.0f} | {r['until_cluster_up_s']:.1f} | "
                      f"{r['processing_s']:.1f} | {r['slides_per_hour_processing']:.0f} | {per_tile:.2f} / {per_seg:.2f} | "
-                     f"{r['task_s_total'] / r['processing_s']:.2f} |")
-    speedup = {}
-    if 1 in best and 2 in best:
-        speedup = {"wall": best[1]["wall_s"] / best[2]["wall_s"],
-                   "without_start_up": best[1]["processing_s"] / best[2]["processing_s"]}
+                     f"{network:.1f} | {r['task_s_total'] / r['processing_s']:.2f} |")
+    all_cores = max(c for _, c in cases)
+    one, two = best.get((1, all_cores)), best.get((2, all_cores))
+    speedup: dict[str, float] = {}
+    if one and two:
+        speedup = {"wall": one["wall_s"] / two["wall_s"], "without_start_up": one["processing_s"] / two["processing_s"]}
         lines += ["", (f"Speed-up of 2 workers over 1: **{speedup['wall']:.2f}x** wall, "
                        f"{speedup['without_start_up']:.2f}x from the cluster being up to the last slide.")]
+    single = best.get((1, 1))
+    if single and two and all_cores > 1:
+        speedup["over_one_core"] = single["wall_s"] / two["wall_s"]
+        lines.append(f"Against 1 worker held to one core: {speedup['over_one_core']:.2f}x.")
     return lines, speedup
 
 
 def startup_table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| workers | LocalCluster + Client s | worker imports s | model load s | first forward s (next) | shutdown s |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| workers | LocalCluster + Client s | worker imports s | model load s | first forward s | "
+              "shutdown s | network alone, windows/s (all workers) |"),
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = r["slowest_worker"]
         lines.append(f"| {r['workers']} | {r['cluster_s']:.2f} | {s['imports_s']:.2f} | {s['model_s']:.2f} | "
-                     f"{s['first_forward_s']:.2f} ({s['next_forward_s']:.2f}) | {r['close_s']:.2f} |")
+                     f"{s['first_forward_s']:.2f} | {r['close_s']:.2f} | {r['network_windows_per_s_all_workers']:.1f} |")
     return lines
 
 
-def fixed_table(fixed: dict[str, Any]) -> list[str]:
-    """Steps of each stage (the task's own steps apart), then the client's."""
+def fixed_table(fixed: dict[str, Any], min_s: float = 0.003) -> list[str]:
+    """Steps of each stage (the task's own steps last), then the client's; steps under
+    ``min_s`` are summed in one row."""
     lines = ["| stage | step | s | share of the stage |", "|---|---|---:|---:|"]
     task_labels = set(fixed["task_labels"])
     for part in ("tile", "segment", "client"):
         total = fixed["seconds_best"][part]
         steps = fixed["steps_best"][part]
         ordered = [k for k in steps if k not in task_labels] + [k for k in steps if k in task_labels]
+        small = [k for k in ordered if steps[k] < min_s]
         for label in ordered:
-            name = f"task: {label}" if label in task_labels else label
-            lines.append(f"| {part} | {name} | {steps[label]:.3f} | {steps[label] / total:.0%} |")
+            if label not in small:
+                name = f"task: {label}" if label in task_labels else label
+                lines.append(f"| {part} | {name} | {steps[label]:.3f} | {steps[label] / total:.0%} |")
+        if small:
+            rest = sum(steps[k] for k in small)
+            lines.append(f"| {part} | {len(small)} other steps, each under {1e3 * min_s:.0f} ms | {rest:.3f} | "
+                         f"{rest / total:.0%} |")
         lines.append(f"| {part} | **whole** | **{total:.3f}** | |")
     lines.append(f"| | first slide of a worker, tile + segment (imports, model, first forward) | "
                  f"{fixed['first_slide_of_a_worker_s']:.2f} | |")
@@ -451,6 +479,8 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each cohort run")
+    parser.add_argument("--one-core-repeats", type=int, default=1,
+                        help="runs of 1 worker held to one core (taskset), the per-core reference")
     parser.add_argument("--fixed-repeats", type=int, default=3)
     parser.add_argument("--parts", default="startup,cohort,fixed", help="which of startup, cohort, fixed to run")
     parser.add_argument("--model", type=Path, default=None, help="a model folder to use instead of the cached one")
@@ -488,10 +518,11 @@ def main() -> None:
     if "cohort" in parts:
         runs = []
         for repeat in range(args.repeats):
-            for workers in args.workers:  # interleaved: this VM's speed drifts
+            cases = [(w, None) for w in args.workers] + [(1, 1)] * (repeat < args.one_core_repeats)
+            for workers, cores in cases:  # interleaved: this VM's speed drifts
                 idle = wait_for_idle(args.wait_idle_s)
-                run = cohort_run(cohort, out / "cohort-out", model, workers) | {"repeat": repeat, "idle_before": idle}
-                runs.append(run)
+                run = cohort_run(cohort, out / "cohort-out", model, workers, cores)
+                runs.append(run | {"repeat": repeat, "idle_before": idle})
                 print(json.dumps({k: v for k, v in run.items() if k != "stage_s"}), flush=True)
         shutil.rmtree(out / "cohort-out", ignore_errors=True)
         table, speedup = cohort_table(runs, len(cohort))

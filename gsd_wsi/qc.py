@@ -7,12 +7,14 @@ they would only paint the picture solid), and the tissue outline is drawn last, 
 
 from __future__ import annotations
 
-import io
 import logging
+import struct
+import zlib
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
 from gsd_wsi.atomic import atomic_write_bytes
@@ -58,46 +60,53 @@ def render_tissue_qc(
         scale_x, scale_y = out_w / width, out_h / height
     else:
         scale_x = scale_y = 1.0
-    out = rgb.astype(np.float32)
+    picture = np.array(rgb, dtype=np.uint8)
 
     n_tiles = len(tiles)
     if n_tiles:
         boxes = tiles * np.array([scale_x, scale_y, scale_x, scale_y])
-        _draw_tiles(out, boxes)
+        _draw_tiles(picture, boxes)
     outline = mask & ~ndi.binary_erosion(mask, border_value=1)
-    if max(out.shape[:2]) >= 1024:  # 2 px outline on large pictures
+    if max(picture.shape[:2]) >= 1024:  # 2 px outline on large pictures
         outline = ndi.binary_dilation(outline) & mask
-    out[outline] = OUTLINE_RGB
-    picture = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    picture[outline] = OUTLINE_RGB
     _legend(picture, [f"{n_tiles} tiles kept | tissue {100.0 * mask.mean():.1f}% of thumbnail",
                       f"{n_tiles} tiles"])
     log.debug("QC picture %s with %d tiles", picture.shape, n_tiles)
     return picture
 
 
-def _draw_tiles(out: np.ndarray, boxes: np.ndarray) -> None:
-    """Blend a translucent fill over the union of tiles, then thin outlines per tile."""
-    height, width = out.shape[:2]
+def _draw_tiles(picture: np.ndarray, boxes: np.ndarray) -> None:
+    """Blend a translucent fill over the union of tiles, then thin outlines per tile (in place).
+
+    A blended value depends only on the pixel's own value and on what covers it (nothing,
+    the fill, the fill and a line), so each colour channel goes through a 3 x 256 table
+    built with the blend itself: one lookup per pixel instead of float copies of the picture.
+    """
+    height, width = picture.shape[:2]
     x0 = np.clip(np.floor(boxes[:, 0]).astype(np.int64), 0, width)
     y0 = np.clip(np.floor(boxes[:, 1]).astype(np.int64), 0, height)
     x1 = np.clip(np.ceil(boxes[:, 0] + boxes[:, 2]).astype(np.int64), 0, width)
     y1 = np.clip(np.ceil(boxes[:, 1] + boxes[:, 3]).astype(np.int64), 0, height)
     visible = (x1 > x0) & (y1 > y0)
-    covered = np.zeros((height, width), dtype=bool)
+    layer = np.zeros((height, width), dtype=np.uint8)  # 0 uncovered, 1 fill, 2 fill and a line
     for a, b, c, d in zip(y0[visible], y1[visible], x0[visible], x1[visible]):
-        covered[a:b, c:d] = True
+        layer[a:b, c:d] = 1
+    # lines would merge into a solid colour on tiny tiles; the fill alone shows the kept area
+    if np.median(np.minimum(boxes[:, 2], boxes[:, 3])) >= MIN_TILE_PX_FOR_LINES:
+        for a, b, c, d in zip(y0[visible], y1[visible], x0[visible], x1[visible]):
+            layer[a, c:d] = 2  # lines lie inside their tile: on the fill
+            layer[b - 1, c:d] = 2
+            layer[a:b, c] = 2
+            layer[a:b, d - 1] = 2
     colour = np.asarray(TILE_RGB, dtype=np.float32)
-    out[covered] = (1 - TILE_FILL_ALPHA) * out[covered] + TILE_FILL_ALPHA * colour
-
-    if np.median(np.minimum(boxes[:, 2], boxes[:, 3])) < MIN_TILE_PX_FOR_LINES:
-        return  # lines would merge into a solid colour; the fill alone shows the kept area
-    lines = np.zeros((height, width), dtype=bool)
-    for a, b, c, d in zip(y0[visible], y1[visible], x0[visible], x1[visible]):
-        lines[a, c:d] = True
-        lines[b - 1, c:d] = True
-        lines[a:b, c] = True
-        lines[a:b, d - 1] = True
-    out[lines] = (1 - TILE_LINE_ALPHA) * out[lines] + TILE_LINE_ALPHA * colour
+    values = np.broadcast_to(np.arange(256, dtype=np.float32)[:, None], (256, 3))
+    filled = (1 - TILE_FILL_ALPHA) * values + TILE_FILL_ALPHA * colour
+    lined = (1 - TILE_LINE_ALPHA) * filled + TILE_LINE_ALPHA * colour
+    table = np.clip(np.rint(np.stack([values, filled, lined])), 0, 255).astype(np.uint8)  # (layer, value, channel)
+    index = layer.astype(np.intp) * 256
+    for ch in range(3):
+        picture[..., ch] = table[:, :, ch].ravel().take(index + picture[..., ch])
 
 
 def _legend(picture: np.ndarray, texts: list[str]) -> None:
@@ -121,14 +130,26 @@ def save_png(path: Path, rgb: np.ndarray, text: dict[str, str] | None = None) ->
 
     ``text`` goes into the PNG's text chunks (e.g. the software version and settings that
     made the picture), readable with ``PIL.Image.open(path).text``.
+
+    Fast, for QC pictures: zlib level 1 with the Paeth filter on every row (libpng through
+    imagecodecs). Pillow tries all five filters on every row, which doubles the time for
+    files 1 % smaller (0.13 against 0.06 s for 1600 x 1600 px).
     """
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         raise ValueError(f"save_png expects HxW or HxWx3/4 uint8, got {arr.dtype} {arr.shape}")
-    buffer = io.BytesIO()
-    info = PngImagePlugin.PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value)
-    Image.fromarray(arr).save(buffer, format="PNG", compress_level=1, pnginfo=info)  # fast: a QC picture
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    log.debug("wrote %s (%d bytes)", path, buffer.tell())
+    png = imagecodecs.png_encode(np.ascontiguousarray(arr), level=1, filter=imagecodecs.PNG.FILTER.PAETH)
+    if text:
+        ihdr_end = 8 + 25  # the signature, then IHDR (length, type, 13 bytes, CRC): text may follow it
+        png = png[:ihdr_end] + b"".join(_text_chunk(k, v) for k, v in text.items()) + png[ihdr_end:]
+    atomic_write_bytes(Path(path), png)
+    log.debug("wrote %s (%d bytes)", path, len(png))
+
+
+def _text_chunk(key: str, value: str) -> bytes:
+    """A tEXt chunk (Latin-1), or an uncompressed iTXt chunk (UTF-8) for other text, as Pillow writes."""
+    try:
+        kind, data = b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")
+    except UnicodeEncodeError:
+        kind, data = b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8")
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

@@ -379,6 +379,37 @@ def test_qc_picture(clean, tmp_path):
         render_tissue_qc(rgb, mask[:-1], tiles)
 
 
+def test_qc_tiles_are_blended_once_over_their_union():
+    """Two overlapping 10-px tiles: a pixel they both cover is blended once, a line pixel gets
+    the line blend over the fill, both as float32 then rounded; elsewhere the picture is the
+    thumbnail."""
+    from gsd_wsi.qc import TILE_FILL_ALPHA, TILE_LINE_ALPHA, TILE_RGB
+
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 60, 3), dtype=np.uint8)
+    tiles = np.array([[5, 5, 10, 10], [10, 8, 10, 10]], float)
+    picture = render_tissue_qc(rgb, np.zeros((30, 60), bool), tiles)  # no tissue: no outline; too small for a legend
+    colour = np.asarray(TILE_RGB, np.float32)
+    fill = (1 - TILE_FILL_ALPHA) * rgb.astype(np.float32) + TILE_FILL_ALPHA * colour
+    line = (1 - TILE_LINE_ALPHA) * fill + TILE_LINE_ALPHA * colour
+    for y, x in [(7, 7), (12, 12), (16, 18)]:  # inside one tile, inside both, inside the second
+        assert np.array_equal(picture[y, x], np.rint(fill[y, x]).astype(np.uint8)), (y, x)
+    for y, x in [(5, 5), (14, 9), (8, 15), (17, 19)]:  # on an outline (one crosses the other tile)
+        assert np.array_equal(picture[y, x], np.rint(line[y, x]).astype(np.uint8)), (y, x)
+    outside = np.ones((30, 60), bool)
+    outside[5:15, 5:15] = outside[8:18, 10:20] = False
+    assert np.array_equal(picture[outside], rgb[outside])
+
+
+@pytest.mark.parametrize("shape", [(37, 53, 3), (40, 41), (20, 30, 4)])
+def test_png_keeps_pixels_and_text(tmp_path, shape):
+    pixels = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    text = {"Software": "gsd-wsi 1.0", "settings": '{"tissue": "ü"}', "path": "/scans/스캔 1.svs"}  # Latin-1 or not
+    save_png(tmp_path / "p.png", pixels, text)
+    with Image.open(tmp_path / "p.png") as image:
+        image.load()  # checks every chunk's CRC
+        assert np.array_equal(np.asarray(image), pixels) and image.text == text
+
+
 def test_qc_thousands_of_tiles_downscaled():
     """20,000 tiles on a 4000 x 3000 thumbnail: downscaled to max_px, tiles scaled with it."""
     rgb = np.full((3000, 4000, 3), 240, dtype=np.uint8)

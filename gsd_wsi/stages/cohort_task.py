@@ -207,7 +207,12 @@ def _model(model_dir: Path, device: str):  # noqa: ANN202 (torch stays out of th
     from gsd_wsi.stages.segment_model import load_segmentation_model
 
     logger.info("worker %d: loading %s on %s", os.getpid(), model_dir, device)
-    return load_segmentation_model(model_dir, device=device)
+    model = load_segmentation_model(model_dir, device=device)
+    if not model.on_gpu and "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        logger.warning("worker %d: MALLOC_TRIM_THRESHOLD_ is set (dask's nanny sets it by default), which makes "
+                       "the network about 2x slower on the CPU; start the workers without it (dask config "
+                       "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null)", os.getpid())
+    return model
 
 
 @functools.lru_cache(maxsize=4)

@@ -39,6 +39,7 @@ from gsd_wsi.masks import (
 from gsd_wsi.progress import NullProgress, Progress
 from gsd_wsi.qc import save_png
 from gsd_wsi.slide import Slide, open_slide
+from gsd_wsi.stain import lut_pays_off
 from gsd_wsi.stages.batch import BatchRun, Status
 from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash, tissue_thumb_mpp
 from gsd_wsi.stages.segment_model import SegmentationModel, load_segmentation_model
@@ -162,7 +163,8 @@ def _fit_stains(reader: WindowReader, mask_xy: np.ndarray, own_tissue: np.ndarra
         candidates = np.flatnonzero(own_tissue > 0)
     picks = candidates[np.unique(np.linspace(0, len(candidates) - 1, min(n_sample, len(candidates))).round().astype(int))]
     normaliser.fit_source(reader.read(mask_xy[picks], normalise=False))
-    normaliser.transform(np.zeros((1, 1, 3), np.uint8))  # build its colour table once, before the readers share it
+    if reader.stain_table:  # build it once, before the readers share it
+        normaliser.transform(np.zeros((1, 1, 3), np.uint8))
 
 
 def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path, out_dir: str | Path,
@@ -213,7 +215,7 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
         tmp_dir.mkdir(parents=True)
         try:
             reader = WindowReader(slide_path, slide.mpp, slide.backend, frame, model.patch_px, model.normaliser(),
-                                  config.workers)
+                                  config.workers, stain_table=lut_pays_off(len(mask_xy) * model.patch_px**2))
             try:
                 _fit_stains(reader, mask_xy, own_tissue, config.stain_sample_windows)
                 progress.slide_started(slide_id, len(mask_xy))

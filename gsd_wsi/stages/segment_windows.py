@@ -124,9 +124,10 @@ class WindowReader:
     """
 
     def __init__(self, path: Path, slide_mpp: float, backend: str, frame: MaskFrame, patch_px: int,
-                 normaliser: StainNormalizer, workers: int = 2) -> None:
+                 normaliser: StainNormalizer, workers: int = 2, stain_table: bool = True) -> None:
         self.path, self.slide_mpp, self.backend = Path(path), slide_mpp, backend
         self.frame, self.patch_px, self.normaliser, self.workers = frame, patch_px, normaliser, workers
+        self.stain_table = stain_table   # normalise through the 2**24 colour table, else the float map
         self._local = threading.local()
         self._shared: Slide | None = None
         self._opened: list[Slide] = []
@@ -170,7 +171,7 @@ class WindowReader:
         started = time.perf_counter()
         tiles = read_tiles(self._slide(), self.frame.level, self.frame.level_xy(mask_xy),
                            self.frame.read_px(self.patch_px), self.patch_px)
-        out = self.normaliser.transform(tiles) if normalise else tiles
+        out = self.normaliser.transform(tiles, use_lut=self.stain_table) if normalise else tiles
         with self._opened_lock:
             self.read_seconds += time.perf_counter() - started
         return out

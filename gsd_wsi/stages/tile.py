@@ -34,7 +34,7 @@ from gsd_wsi.manifest import SlideInput
 from gsd_wsi.progress import NullProgress, Progress
 from gsd_wsi.qc import render_tissue_qc, save_png
 from gsd_wsi.slide import Slide, open_slide
-from gsd_wsi.stain import StainNormalizer, make_normalizer
+from gsd_wsi.stain import StainNormalizer, lut_pays_off, make_normalizer
 from gsd_wsi.stages.batch import Status
 from gsd_wsi.stages.tile_config import TileConfig, settings_hash
 from gsd_wsi.store import STORE_NAME, create_store, open_images_for_writing, read_store_attrs, shard_ranges
@@ -91,6 +91,11 @@ class SlidePlan:
     @property
     def shards(self) -> list[tuple[int, int]]:
         return shard_ranges(self.n_patches, self.shard_patches)
+
+    @property
+    def stain_table(self) -> bool:
+        """Normalise through the 2**24 colour table (large slides) or the float map (small)."""
+        return lut_pays_off(self.n_patches * self.tile_px**2)
 
 
 def read_tiles(slide: Slide, grid_level: int, read_xy: np.ndarray, read_px: int, tile_px: int) -> np.ndarray:
@@ -222,7 +227,7 @@ class _OpenSlideCache:
             self.close()
             self.slide = open_slide(plan.slide.path, mpp=plan.slide.mpp, backend=plan.backend)  # type: ignore[arg-type]
             self.normalizer = StainNormalizer.from_params(plan.stain_params)
-            if self.normalizer.is_fitted:  # build its colour table before the fill threads share it
+            if self.normalizer.is_fitted and plan.stain_table:  # build it before the fill threads share it
                 self.normalizer.transform(np.zeros((1, 1, 3), np.uint8))
             self.key = plan.tmp_dir
         return self.slide, self.normalizer
@@ -267,7 +272,7 @@ def fill_shards(
     def fill(start: int, stop: int, xy: np.ndarray) -> int:
         with read_lock:
             tiles = read_tiles(slide, plan.level, xy, plan.read_px, plan.tile_px)
-        images[start:stop] = normalizer.transform(tiles)
+        images[start:stop] = normalizer.transform(tiles, use_lut=plan.stain_table)
         return stop - start
 
     jobs: list[tuple[int, int, np.ndarray]] = []

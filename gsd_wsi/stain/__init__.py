@@ -4,7 +4,7 @@ Peer libraries re-estimate the source stains on every tile, which gives colour s
 between tiles and fails on blank ones. Here the source is estimated once per slide from
 tissue pixels sampled across it (:meth:`StainNormalizer.fit_source`); every tile is then
 mapped with the same recorded parameters (:attr:`StainNormalizer.params`), via a 2**24
-lookup table.
+lookup table where there are enough pixels for it to pay (:func:`lut_pays_off`).
 
     norm = make_normalizer("macenko")            # built-in target, or target_rgb=image
     norm.fit_source(tiles_sampled_from_slide)   # (K, H, W, 3) uint8; background dropped
@@ -23,6 +23,7 @@ import numpy as np
 
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.stain.base import StainNormalizer, as_pixels
+from gsd_wsi.stain.lut import lut_pays_off
 from gsd_wsi.stain.macenko import MacenkoNormalizer
 from gsd_wsi.stain.reinhard import ReinhardNormalizer
 from gsd_wsi.stain.vahadane import VahadaneNormalizer
@@ -35,6 +36,7 @@ __all__ = [
     "StainNormalizer",
     "VahadaneNormalizer",
     "builtin_target",
+    "lut_pays_off",
     "make_normalizer",
     "recorded_normaliser",
 ]
@@ -110,7 +112,7 @@ def normalise_image(normaliser: StainNormalizer, rgb: np.ndarray) -> np.ndarray:
     """Normalise one whole (H, W, 3) image with source stains fitted on the image itself, as
     labelled images are (slides are fitted once from tiles across them). The float map is
     cheaper than building the 2**24 lookup table below 16 Mpx."""
-    return normaliser.fit_source(rgb).transform(rgb, use_lut=rgb.size // 3 > 1 << 24)
+    return normaliser.fit_source(rgb).transform(rgb, use_lut=lut_pays_off(rgb.size // 3))
 
 
 def recorded_normaliser(record: dict[str, Any] | None) -> StainNormalizer | None:
