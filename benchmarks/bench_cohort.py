@@ -35,7 +35,6 @@ import importlib
 import json
 import logging
 import os
-import platform
 import shutil
 import threading
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from machine import cpu_model, wait_for_idle  # benchmarks/machine.py
 
 MODEL_MPP = 1.0
 PATCH_PX = 128
@@ -98,38 +98,6 @@ def stage_configs() -> tuple[Any, Any]:
     from gsd_wsi.stages.tile_config import TileConfig
 
     return TileConfig(), SegmentConfig(batch_size=16, workers=2, device="cpu")
-
-
-# -- the machine ---------------------------------------------------------------------------
-
-
-def _cpu_seconds() -> float:
-    """Busy CPU time of the whole machine (all cores), from /proc/stat."""
-    with open("/proc/stat") as fh:
-        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fh.readline().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_for_idle(max_wait_s: float, idle_fraction: float = 0.9) -> float:
-    """Wait (at most ``max_wait_s``) until the machine is ``idle_fraction`` idle over 1.5 s."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        busy0, t0 = _cpu_seconds(), time.monotonic()
-        time.sleep(1.5)
-        idle = 1.0 - (_cpu_seconds() - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
-        if idle >= idle_fraction or time.monotonic() > deadline:
-            return idle
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # -- (a) start-up --------------------------------------------------------------------------
@@ -499,7 +467,7 @@ def main() -> None:
     model = args.model or make_model(out)
     cohort = make_slides(out / "slides", args.slides, COHORT_SLIDE, 3, "cohort")
     small = make_slides(out / "slides", 1, SMALL_SLIDE, 2, "small")[0]
-    machine = (f"{_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}; "
                f"load average {os.getloadavg()[0]:.2f} at start")
     print(machine, f"(gsd_wsi from {Path(gsd_wsi.__file__).parent})", flush=True)
     result: dict[str, Any] = {"machine": machine, "code": str(Path(gsd_wsi.__file__).parent), "model": str(model),

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import numpy as np
 import openslide
 import tifffile
 
+from machine import cpu_model, cpu_seconds, wait_for_idle  # benchmarks/machine.py
 from gsd_wsi.grid import make_grid, tissue_fractions
 from gsd_wsi.manifest import collect_inputs
 from gsd_wsi.slide import open_slide
@@ -237,42 +237,8 @@ def cohort(folder: Path, n_slides: int, size_px: int) -> list[Path]:
     return paths
 
 
-def _cpu_seconds() -> float:
-    """Busy CPU time of the whole machine (all cores), from /proc/stat.
-
-    Machine-wide because worker processes descend from a fork server, not from this
-    process; run the benchmark on an otherwise idle machine.
-    """
-    with open("/proc/stat") as fh:
-        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fh.readline().split()[1:8])
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-
-
 def _workers(n: int) -> str:
     return f"{n} worker{'s' * (n > 1)}"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def wait_for_idle(max_wait_s: float, idle_fraction: float = 0.9) -> float:
-    """Wait (at most ``max_wait_s``) until other work leaves the machine ``idle_fraction``
-    idle over 1.5 s; returns the idle fraction last seen."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        busy0, t0 = _cpu_seconds(), time.monotonic()
-        time.sleep(1.5)
-        idle = 1.0 - (_cpu_seconds() - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
-        if idle >= idle_fraction or time.monotonic() > deadline:
-            return idle
 
 
 def measure(cases: dict[str, Callable[[], tuple[float, int]]], repeats: int, max_wait_s: float) -> dict[str, dict[str, float]]:
@@ -284,9 +250,9 @@ def measure(cases: dict[str, Callable[[], tuple[float, int]]], repeats: int, max
             if max_wait_s > 0:
                 wait_for_idle(max_wait_s)
             load = os.getloadavg()[0]
-            cpu_before = _cpu_seconds()
+            cpu_before = cpu_seconds()
             seconds, pixels = case()
-            runs[name].append((seconds, pixels, _cpu_seconds() - cpu_before, load))
+            runs[name].append((seconds, pixels, cpu_seconds() - cpu_before, load))
     figures = {}
     for name, case_runs in runs.items():
         seconds, pixels, cpu, load = min(case_runs)
@@ -319,7 +285,7 @@ def main() -> None:
         parser.error(f"unknown slide(s) {sorted(unknown)}; choose from {', '.join(SLIDES)}")
 
     write_cost = page_cache_write_ms_per_mb(args.out / "write-probe")
-    machine = (f"{_cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start; "
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start; "
                f"page-cache writes {write_cost:.2f} ms of kernel CPU per MB")
     print(machine, flush=True)
     report: dict = {"machine": machine, "page_cache_write_ms_per_mb": write_cost, "slides": {}}
