@@ -180,6 +180,15 @@ def test_resume_after_sigkill_of_the_whole_run(good_slide: Path, model: Path, tm
     assert "skipped" in rerun.stderr
 
 
+def test_threads_of_one_worker_tile_slides_side_by_side(good_slide: Path, tmp_path: Path) -> None:
+    paths = _copies(good_slide, tmp_path / "in", 4)
+    result = run_cohort(paths, tmp_path / "out", None, _config(stages=("tile",), workers=1, threads_per_worker=2,
+                                                               report=False))
+    assert set(_statuses(result).values()) == {"done"}
+    n_patches = {s.records["tile"].details["n_patches"] for s in result.slides}
+    assert len(n_patches) == 1 and n_patches.pop() > 0  # copies of one slide: the same patches
+
+
 def test_a_slide_over_its_time_limit_fails_alone(good_slide: Path, model: Path, tmp_path: Path) -> None:
     result = run_cohort([good_slide], tmp_path / "out", model, _config(workers=1, timeout_per_slide_s=0.01,
                                                                        report=False))

@@ -214,8 +214,11 @@ def _store_attrs(item: SlideInput, slide: Slide, config: TileConfig, grid: TileG
     }
 
 
-class _OpenSlideCache:
-    """One open slide and its normaliser per process, reused across that slide's shards."""
+class _OpenSlideCache(threading.local):
+    """One open slide and its normaliser per thread, reused across that slide's shards.
+
+    Per thread, not per process: a cohort worker with several threads tiles several slides
+    at once, and one slide's finish must not close another's reader."""
 
     def __init__(self) -> None:
         self.key: Path | None = None
