@@ -28,7 +28,7 @@ import torch
 
 from gsd_wsi.nn.schedule import NoiseSchedule, ScheduleConfig
 from gsd_wsi.nn.unet import UNet, unet_config
-from gsd_wsi.stages.pretrain_config import PretrainConfig
+from gsd_wsi.train.pretrain_config import PretrainConfig
 from gsd_wsi.train.ddp import DistContext, init_distributed, launch, teardown
 from gsd_wsi.train.pretrain_loop import DiffusionTrainer, p2_loss
 

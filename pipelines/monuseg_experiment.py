@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from gsd_wsi import __version__
+from gsd_wsi.datasets import read_split_file
 
 log = logging.getLogger("monuseg_experiment")
 
@@ -180,14 +181,30 @@ def summarise(args: argparse.Namespace, out: Path, runs: list[FinetuneRun], timi
             diffs[key] = dict(zip(("mean", "std"), _mean_std(d))) | {"per_seed": d}
         table[f"difference@{fraction:g}"] = diffs
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"settings": settings, "gsd_wsi_version": __version__, "table": table, "per_run": per_run,
-            "wall_s": timings}
+    split = {k: v for k, v in read_split_file(args.split_file).items() if v}
+    return {"settings": settings, "gsd_wsi_version": __version__, "split": split, "table": table,
+            "per_run": per_run, "wall_s": timings}
+
+
+def _images(n: int, kind: str) -> str:
+    return f"{n} {kind} image{'' if n == 1 else 's'}"
+
+
+def describe_split(split: dict[str, list[str]]) -> str:
+    """What the split file held, test images named: "6 test images (TCGA-..., ...), 24 training images"."""
+    test, train, val = split.get("test", []), split.get("train", []), split.get("val", [])
+    parts = [f"{_images(len(test), 'test')} ({', '.join(test)})" if test else _images(0, "test"),
+             _images(len(train), "training")]
+    if val:
+        parts.append(_images(len(val), "validation"))
+    return ", ".join(parts)
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     s = result["settings"]
-    lines = [f"MoNuSeg, 6 test images, {s['model']} U-Net, {s['patch_px']}-px patches; mean ± sample std over "
-             f"seeds {', '.join(map(str, s['seeds']))} (gsd-wsi {result['gsd_wsi_version']}).", "",
+    title = (f"MoNuSeg, {describe_split(result['split'])}; {s['model']} U-Net, {s['patch_px']}-px patches; "
+             f"mean ± sample std over seeds {', '.join(map(str, s['seeds']))} (gsd-wsi {result['gsd_wsi_version']}).")
+    lines = [title, "",
              "| labels | start | " + " | ".join(label for _, label, _ in METRICS) + " |",
              "|---|---|" + "---:|" * len(METRICS)]
     for fraction in s["fractions"]:

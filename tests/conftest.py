@@ -58,7 +58,7 @@ def pretrained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
 
     from gsd_wsi.stages.pretrain import run_pretrain
-    from gsd_wsi.stages.pretrain_config import PretrainConfig
+    from gsd_wsi.train.pretrain_config import PretrainConfig
     from gsd_wsi.store import create_store, open_images_for_writing, shard_ranges
 
     root = tmp_path_factory.mktemp("pretrained")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -201,3 +204,100 @@ def test_train_mpp_takes_the_resolution_aperio_xml_records(tmp_path: Path) -> No
         with_data_mpp(FinetuneConfig(train_mpp=0.5), items)
     with pytest.raises(ConfigError, match="finer than the training images"):
         with_data_mpp(FinetuneConfig(train_mpp=0.2), items[:2])
+
+
+def _touching_nuclei_dataset(root: Path, n: int = 4) -> Path:
+    """images/ + masks/ whose masks hold instance ids: pairs of touching discs, one component each."""
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.mgrid[:64, :64]
+    for i in range(n):
+        instances = np.zeros((64, 64), np.uint8)
+        for pair in range(2):
+            cy, cx, r = 16 + 32 * pair, int(rng.integers(14, 26)), 6
+            instances[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 2 * pair + 1
+            right = ((yy - cy) ** 2 + (xx - cx - 2 * r) ** 2 <= r * r) & (instances == 0)
+            instances[right] = 2 * pair + 2
+        image = np.where(instances[..., None] > 0, [90, 40, 120], (230, 160, 200)).astype(np.float64)
+        image += rng.normal(0, 6, image.shape)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"im{i}.png")
+        Image.fromarray(instances).save(root / "masks" / f"im{i}.png")
+    return root
+
+
+def test_contour_target_trains_three_classes_and_records_the_target(tmp_path: Path) -> None:
+    from gsd_wsi.datasets import discover
+    from gsd_wsi.stages.finetune import _load
+    from gsd_wsi.targets import contour_target
+
+    data = _touching_nuclei_dataset(tmp_path / "data")
+    result = CliRunner().invoke(app, [
+        "finetune", str(data), "-o", str(tmp_path / "run"), "--pretrained", "none", "--model", "tiny",
+        "--init", "pytorch", "--epochs", "1", "--batch-size", "4", "--patch-px", "32", "--crops-per-image", "2",
+        "--mpp", "0.25", "--target", "contour", "--boundary-um", "0.5", "--class-names", "background,nucleus"])
+    assert result.exit_code == 0, result.output
+    model, info = load_segmentation_network(tmp_path / "run")
+    assert info["classes"] == ["background", "nucleus", "boundary"] and model.config.out_channels == 3
+    assert info["target"] == {"kind": "contour", "boundary_um": 0.5, "boundary_px": 2.0}
+    assert math.isfinite(info["val_dice"])  # the nucleus Dice (interior + boundary) of the validation image
+    if importlib.util.find_spec("gsd_wsi.instances") is not None:  # tuned on the validation image
+        assert info["postprocess"]["kind"] == "contour"
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["finetune"]
+    assert saved["target"] == "contour" and saved["boundary_um"] == 0.5
+    # the training labels: the mask's instance ids made into interior / boundary, the pairs kept apart
+    config = FinetuneConfig(**FAST | {"mpp": 0.25, "target": "contour", "boundary_um": 0.5})
+    image, instances = _load(discover(data)[0][:1], config, None)[0]
+    assert set(np.unique(instances)) == {0, 1, 2, 3, 4}
+    assert set(np.unique(contour_target(instances, config.boundary_px))) == {0, 1, 2}
+
+
+def test_semantic_models_record_their_target(tmp_path: Path) -> None:
+    data = _toy_dataset(tmp_path / "data", n=4)
+    run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST | {"epochs": 1}), pretrained=None)
+    assert load_segmentation_network(tmp_path / "run")[1]["target"] == {"kind": "semantic"}
+
+
+def test_contour_postprocess_hook_records_the_tuned_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After training, gsd_wsi.instances.tune_postprocess sees (probabilities, instances) of each validation image."""
+    import sys
+    import types
+
+    seen: list[tuple] = []
+
+    class Tuned:
+        def to_dict(self) -> dict:
+            return {"method": "watershed", "threshold": 0.5}
+
+    def tune_postprocess(pairs, kind: str, mpp: float):
+        seen.extend((p.shape, t.shape, kind, mpp) for p, t in pairs)
+        return Tuned()
+
+    monkeypatch.setitem(sys.modules, "gsd_wsi.instances", types.SimpleNamespace(tune_postprocess=tune_postprocess))
+    data = _touching_nuclei_dataset(tmp_path / "data")
+    config = FinetuneConfig(**FAST | {"epochs": 1, "mpp": 0.25, "target": "contour", "boundary_um": 0.5})
+    run_finetune(data, tmp_path / "run", config, pretrained=None)
+    assert load_segmentation_network(tmp_path / "run")[1]["postprocess"] == {"method": "watershed", "threshold": 0.5}
+    assert seen == [((3, 64, 64), (64, 64), "contour", 0.25)]  # one validation image: probabilities, instances
+    from gsd_wsi.stages.finetune import tuned_postprocess
+
+    model = load_segmentation_network(tmp_path / "run")[0]
+    examples = [(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.int32))]
+    monkeypatch.setitem(sys.modules, "gsd_wsi.instances", None)  # the module absent: no record, no failure
+    assert tuned_postprocess(model, examples, config, torch.device("cpu")) is None
+    semantic = FinetuneConfig(**FAST | {"mpp": 0.25})
+    assert tuned_postprocess(model, examples, semantic, torch.device("cpu")) is None  # semantic: nothing to tune
+
+
+def test_target_refusals(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--target distance is not available yet"):
+        FinetuneConfig(target="distance")
+    with pytest.raises(ConfigError, match="--target must be one of"):
+        FinetuneConfig(target="watershed")
+    with pytest.raises(ConfigError, match="needs --classes 2"):
+        FinetuneConfig(target="contour", classes=3)
+    with pytest.raises(ConfigError, match="--boundary-um must be a positive"):
+        FinetuneConfig(target="contour", boundary_um=0)
+    data = _touching_nuclei_dataset(tmp_path / "data")  # PNGs record no resolution
+    with pytest.raises(ConfigError, match=r"--target contour \(--boundary-um 2.0\) needs the resolution.*--mpp"):
+        run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST | {"target": "contour"}), pretrained=None)

@@ -49,8 +49,26 @@ def test_summary_table(tmp_path: Path, experiment) -> None:
     text = (tmp_path / "results.md").read_text()
     assert "| 10% | pretrained − scratch (paired) | +0.050 ± 0.000 |" in text
     assert "| 100% | scratch | 0.720 ± 0.020 |" in text
+    assert text.startswith("MoNuSeg, 6 test images (TCGA-50-5931-01Z-00-DX1, TCGA-B0-5710-01Z-00-DX1, ")
+    assert "TCGA-NH-A8F7-01A-01-TS1), 24 training images; tiny U-Net" in text
     experiment.plot(result, tmp_path / "results.png")
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_results_name_the_split_they_were_made_on(tmp_path: Path, experiment) -> None:
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"note": "a smaller split", "train": ["a", "b", "c"], "val": ["v"], "test": ["t1", "t2"]}))
+    args = experiment.parse_args(["--out", str(tmp_path), "--split-file", str(split), "--seeds", "0", "--fractions", "1.0"])
+    runs = [experiment.FinetuneRun(start, 1.0, 0) for start in ("pretrained", "scratch")]
+    for run in runs:
+        _fake_eval(tmp_path, run.name, 0.7, 0.3)
+    result = experiment.summarise(args, tmp_path, runs, {})
+    assert result["split"] == {"train": ["a", "b", "c"], "val": ["v"], "test": ["t1", "t2"]}
+    experiment.write_markdown(result, tmp_path / "results.md")
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("MoNuSeg, 2 test images (t1, t2), 3 training images, 1 validation image; tiny U-Net")
+    assert "6 test images" not in text and "24 training" not in text
+    assert experiment.describe_split({"train": ["a"], "test": ["t"]}) == "1 test image (t), 1 training image"
 
 
 def test_mean_std_skips_missing_values(experiment) -> None:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from gsd_wsi.cli.main import app
 from gsd_wsi.errors import ConfigError, RunFolderError, StoreError, TrainingDivergedError
 from gsd_wsi.stages.pretrain import run_pretrain
-from gsd_wsi.stages.pretrain_config import PretrainConfig
+from gsd_wsi.train.pretrain_config import PretrainConfig
 from gsd_wsi.stages.tile_batch import run_tile
 from gsd_wsi.stages.tile_config import TileConfig
 from gsd_wsi.synthetic import SyntheticSlideSpec, write_synthetic_slide
@@ -62,7 +62,7 @@ def test_loss_falls_and_run_folder_is_complete(stores: Path, tmp_path: Path) -> 
 
 def test_loss_falls_with_the_reference_init_too(stores: Path, tmp_path: Path) -> None:
     """The faithful init (conv and GroupNorm weights ~ N(0, 0.01)) learns, but slowly."""
-    paths = run_pretrain([stores], tmp_path / "run", PretrainConfig(**FAST | {"steps": 60, "lr": 3e-3}))
+    paths = run_pretrain([stores], tmp_path / "run", PretrainConfig(**FAST | {"steps": 60, "lr": 3e-3, "init": "reference"}))
     val = _val_losses(paths.root)
     assert val[-1] < 0.98 * val[0] and val[-1] == min(val)
 

@@ -167,7 +167,7 @@ def finetune(
     classes: Annotated[int, typer.Option(help="Number of classes, background included.")] = 2,
     class_names: Annotated[Optional[str], typer.Option(help="Comma-separated class names, background first.")] = None,
     model: Annotated[Optional[str], typer.Option(help="U-Net size: tiny, small or base [the pretrained run's; base from scratch].")] = None,
-    init: Annotated[str, typer.Option(help="Weight init from scratch: reference or pytorch.")] = "reference",
+    init: Annotated[str, typer.Option(help="Weight init from scratch: pytorch (the fix) or reference (faithful, N(0, 0.01); learns far slower).")] = "pytorch",
     label_fraction: Annotated[float, typer.Option(help="Train on this fraction of the labelled training images.")] = 1.0,
     epochs: Annotated[int, typer.Option(help="Epochs [150].")] = 150,
     batch_size: Annotated[int, typer.Option(help="Batch size [8].")] = 8,
@@ -187,6 +187,8 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    target: Annotated[str, typer.Option(help="semantic (the masks' classes), contour (background, interior, boundary from the instances: keeps touching nuclei apart) or distance (not available yet).")] = "semantic",
+    boundary_um: Annotated[float, typer.Option(help="Width of the contour target's boundary band in micrometres [2.0: 8 px at 0.25 um/px].")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="Replace the run in OUT.")] = False,
 ) -> None:
     """Fine-tune the pretrained U-Net for segmentation (or train it from scratch: --pretrained none)."""
@@ -199,7 +201,7 @@ def finetune(
             init=init, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, patch_px=patch_px,  # type: ignore[arg-type]
             crops_per_image=crops_per_image, val_every=val_every, val_fraction=val_fraction, loss=loss, ss_variant=ss_variant,  # type: ignore[arg-type]
             input_range=input_range, lr=lr, mpp=mpp, train_mpp=train_mpp, stain=stain, stain_target=stain_target, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
-            device=device,  # type: ignore[arg-type]
+            device=device, target=target, boundary_um=boundary_um,  # type: ignore[arg-type]
         )
         source = None if pretrained.lower() == "none" else Path(pretrained)
         model_dir = run_finetune(data, out, config, source, overwrite=overwrite, progress_factory=TrainProgressBars)
@@ -254,7 +256,7 @@ def pretrain(
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per process [2].")] = None,
     sample_every: Annotated[Optional[int], typer.Option(help="Steps between sample pictures [500].")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints [500].")] = None,
-    init: Annotated[Optional[str], typer.Option(help="Weight init: reference (faithful) or pytorch (the fix).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Weight init: pytorch (the fix) or reference (faithful, N(0, 0.01); learns far slower) [pytorch].")] = None,
     use_top_skip: Annotated[Optional[bool], typer.Option("--use-top-skip/--no-top-skip", help="Use the first level's skip (the fix) [no].")] = None,
     loss_reduction: Annotated[Optional[str], typer.Option(help="Loss over the batch: mean (the fix) or sum (the reference).")] = None,
     val_every: Annotated[Optional[int], typer.Option(help="Steps between validation losses [200].")] = None,
@@ -270,7 +272,7 @@ def pretrain(
 
     from gsd_wsi.cli.progress import TrainProgressBars
     from gsd_wsi.stages.pretrain import run_pretrain
-    from gsd_wsi.stages.pretrain_config import PretrainConfig, load_yaml_settings
+    from gsd_wsi.train.pretrain_config import PretrainConfig, load_yaml_settings
 
     flags = {
         "model": model, "image_size": image_size, "batch_size": batch_size, "epochs": epochs, "steps": steps,
@@ -304,15 +306,21 @@ def evaluate(
     subset: Annotated[str, typer.Option(help="With --split-file: all, train, val or test.")] = "all",
     overlap: Annotated[float, typer.Option(help="Overlap of the sliding windows (standard protocol).")] = 0.5,
     mpp: Annotated[Optional[float], typer.Option(help="Resolution of the images, um/px (default: the model's data_mpp, else its mpp); they are predicted at the model's mpp and scored at their own.")] = None,
-    watershed: Annotated[bool, typer.Option("--watershed/--no-watershed", help="Split touching predicted nuclei by watershed.")] = False,
+    watershed: Annotated[bool, typer.Option("--watershed", hidden=True, help="Removed: refused with a pointer to --target contour.")] = False,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
 ) -> None:
     """Score a fine-tuned segmentation model on labelled images: Dice, IoU, HD95, AJI, PQ, GlaS scores."""
     from gsd_wsi.cli.progress import ImageProgressBar
+    from gsd_wsi.errors import ConfigError
     from gsd_wsi.stages.evaluate import EvaluateConfig, run_evaluate
 
     try:
-        config = EvaluateConfig(protocol=protocol, overlap=overlap, mpp=mpp, watershed=watershed,  # type: ignore[arg-type]
+        if watershed:
+            raise ConfigError("--watershed was removed: its distance-transform split over-split nuclei (PQ and object "
+                              "F1 fell). Fine-tune with `--target contour`: evaluate then splits touching nuclei "
+                              "with the model's recorded post-processing, and still reports the connected "
+                              "components as aji_cc, pq_cc, ...")
+        config = EvaluateConfig(protocol=protocol, overlap=overlap, mpp=mpp,  # type: ignore[arg-type]
                                 split_file=split_file, subset=subset, batch_size=batch_size)  # type: ignore[arg-type]
         with ImageProgressBar(console) as bar:
             result = run_evaluate(data, model, out, config, progress=bar)
@@ -322,7 +330,7 @@ def evaluate(
     for column in ("metric", "mean ± std", "n"):
         table.add_column(column)
     for name, stats in result["summary"].items():
-        if name in ("n_true", "n_pred", "n_patches") or stats["mean"] is None:
+        if name in ("n_true", "n_pred", "n_pred_cc", "n_patches") or stats["mean"] is None:
             continue
         table.add_row(name, f"{stats['mean']:.4f} ± {stats['std']:.4f}", str(stats["n"]))
     console.print(table)

@@ -17,10 +17,12 @@ class DatasetError(GsdWsiError, ValueError):
 
 # Imported after DatasetError, which the submodules import from here.
 from gsd_wsi.datasets.labelled import (  # noqa: E402
+    INSTANCE_SOURCES,
     LabelledImage,
     discover,
     label_subset,
     load_example,
+    load_instance_example,
     read_split_file,
     recorded_mpp,
     resample_example,
@@ -30,10 +32,12 @@ from gsd_wsi.datasets.monuseg_xml import rasterise_instances, read_aperio_mpp, r
 
 __all__ = [
     "DatasetError",
+    "INSTANCE_SOURCES",
     "LabelledImage",
     "discover",
     "label_subset",
     "load_example",
+    "load_instance_example",
     "rasterise_instances",
     "read_aperio_mpp",
     "read_aperio_xml",

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
+from scipy import ndimage as ndi
 
 from gsd_wsi.config import read_yaml_mapping
 from gsd_wsi.datasets import DatasetError
@@ -191,6 +192,39 @@ def load_example(item: LabelledImage, n_classes: int) -> tuple[np.ndarray, np.nd
     else:
         raise DatasetError(f"{item.name}: no mask, XML or instance image to label {item.image_path}")
     return image, semantic, instances
+
+
+#: Where :func:`load_instance_example` took an item's instances from, best first.
+INSTANCE_SOURCES = ("xml", "instance image", "mask instance ids", "mask connected components")
+
+
+def load_instance_example(item: LabelledImage) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(image uint8 HxWx3, instances int32 HxW, source)`` of one item, for instance-aware targets.
+
+    The instances come from the best label the item has (``source``, one of
+    :data:`INSTANCE_SOURCES`): its Aperio XML polygons, its instance image (GlaS), the ids of
+    its mask when the mask holds more than one non-zero value, else the connected components
+    of its binary mask, in which touching objects stay merged (MoNuSeg's third-party PNG masks
+    are binary: on the 13 images with official XML, 4230 components for 4949 polygons, 548
+    components holding two or more nuclei).
+    """
+    image = _read_rgb(item.image_path)
+    if item.xml_path is not None:
+        return image, rasterise_instances(read_aperio_xml(item.xml_path), image.shape[:2]), "xml"
+    path, what = (item.instance_path, "instance label image") if item.instance_path is not None else (item.mask_path, "mask")
+    if path is None:
+        raise DatasetError(f"{item.name}: no mask, XML or instance image to label {item.image_path}")
+    labels = _read_labels(path, what)
+    _check_size(image, labels, item.image_path, path)
+    if labels.min() < 0 or labels.max() > np.iinfo(np.int32).max:
+        raise DatasetError(f"{path}: {what} with ids outside 0..2^31-1")
+    if item.instance_path is not None:
+        return image, labels.astype(np.int32), "instance image"
+    if len(np.unique(labels[labels > 0])) > 1:
+        return image, labels.astype(np.int32), "mask instance ids"
+    components, count = ndi.label(labels > 0)
+    log.debug("%s: binary mask, %d connected components taken as instances", path, count)
+    return image, components.astype(np.int32), "mask connected components"
 
 
 Example = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # image, semantic, instances (as load_example)

@@ -19,7 +19,6 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
-from skimage.feature import peak_local_max
 from skimage import segmentation
 
 from gsd_wsi.metrics.semantic import MetricInputError, check_label_maps
@@ -49,8 +48,8 @@ class Overlaps(NamedTuple):
 def overlaps(pred_inst: np.ndarray, true_inst: np.ndarray) -> Overlaps:
     """Intersections of every overlapping (true, pred) object pair, from a joint histogram."""
     pred, true = check_label_maps(pred_inst, true_inst)
-    true_ids, true_idx = np.unique(true.ravel(), return_inverse=True)
-    pred_ids, pred_idx = np.unique(pred.ravel(), return_inverse=True)
+    true_ids, true_idx = _unique_inverse(true.ravel())
+    pred_ids, pred_idx = _unique_inverse(pred.ravel())
     # Shift so that background (when present) is -1 and objects are 0-based.
     t_off = 1 if true_ids.size and true_ids[0] == 0 else 0
     p_off = 1 if pred_ids.size and pred_ids[0] == 0 else 0
@@ -60,11 +59,29 @@ def overlaps(pred_inst: np.ndarray, true_inst: np.ndarray) -> Overlaps:
     pred_area = np.bincount(pred_idx[pred_idx >= 0], minlength=n_pred)
     both = (true_idx >= 0) & (pred_idx >= 0)
     key = true_idx[both].astype(np.int64) * max(n_pred, 1) + pred_idx[both]
-    keys, inter = np.unique(key, return_counts=True)
+    if n_true * max(n_pred, 1) <= max(key.size, 1 << 16):  # a dense table is no larger than the pixels
+        counts = np.bincount(key, minlength=n_true * max(n_pred, 1))
+        keys = np.flatnonzero(counts)
+        inter = counts[keys]
+    else:
+        keys, inter = np.unique(key, return_counts=True)
     return Overlaps(
         true_ids[t_off:], pred_ids[p_off:], true_area, pred_area,
         keys // max(n_pred, 1), keys % max(n_pred, 1), inter,
     )
+
+
+def _unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)``, by a lookup table (O(pixels)) when the ids are
+    non-negative and not much larger than the number of pixels (label maps), else by sorting."""
+    if values.size and np.issubdtype(values.dtype, np.integer):
+        low, high = int(values.min()), int(values.max())
+        if low >= 0 and high <= 4 * values.size:
+            present = np.bincount(values, minlength=high + 1) > 0
+            ids = np.flatnonzero(present).astype(values.dtype)
+            lookup = np.cumsum(present) - 1
+            return ids, lookup[values]
+    return np.unique(values, return_inverse=True)
 
 
 def best_partner(groups: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
@@ -91,30 +108,17 @@ def _remove_small(labels: np.ndarray, min_size_px: int) -> np.ndarray:
     return np.where(small[labels], 0, labels)
 
 
-def label_instances(
-    binary: np.ndarray, min_size_px: int = 10, watershed: bool = False, min_distance_px: int = 3
-) -> np.ndarray:
+def label_instances(binary: np.ndarray, min_size_px: int = 10) -> np.ndarray:
     """Instances (int32, 0 = background) from a binary nucleus mask.
 
     Connected components with 8-connectivity; components smaller than ``min_size_px`` pixels
-    are removed. With ``watershed=True`` touching nuclei are split by a watershed of the
-    negated Euclidean distance transform seeded at its local maxima at least
-    ``min_distance_px`` apart (the classic distance-transform split).
+    are removed. Touching nuclei stay merged: an instance-aware target splits them
+    (gsd_wsi/instances.py).
     """
     mask = np.asarray(binary).astype(bool)
     labels, _ = ndi.label(mask, structure=_EIGHT)
     labels = _remove_small(labels, min_size_px)
-    if watershed:
-        dist = ndi.distance_transform_edt(labels > 0)
-        peaks = peak_local_max(
-            dist, min_distance=min_distance_px, labels=labels, exclude_border=False
-        )
-        markers = np.zeros(labels.shape, dtype=np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        labels = segmentation.watershed(-dist, markers, mask=labels > 0)
-        labels = _remove_small(labels, min_size_px)
     return segmentation.relabel_sequential(labels)[0].astype(np.int32)
-
 
 
 def aji(pred_inst: np.ndarray, true_inst: np.ndarray) -> float:

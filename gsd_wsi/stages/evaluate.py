@@ -5,9 +5,19 @@ Standard protocol: every whole image is predicted by sliding window with Gaussia
 model was trained with (target recorded in the model, source fitted on the image itself).
 Per image: semantic scores per class and their foreground mean (Dice, IoU, precision,
 recall, HD95 in px and um); with instance labels (MoNuSeg XML, GlaS ``_anno``) AJI, PQ and
-object F1 on predicted instances, which are the connected components (optionally split by
-watershed) of ``pred == 1`` for two-class models and of ``pred != 0`` (all foreground)
-otherwise; for GlaS items also the challenge's object F1, object Dice and object Hausdorff.
+object F1 on predicted instances; for GlaS items also the challenge's object F1, object Dice
+and object Hausdorff.
+
+The target the model learnt (model.json ``"target"``, absent = semantic) decides the instances.
+A semantic model's are the connected components of ``pred == 1`` for two-class models and of
+``pred != 0`` (all foreground) otherwise. A ``contour`` (background, interior, boundary) or
+``distance`` model's come from :func:`gsd_wsi.instances.instances_from_probabilities` with
+the post-processing model.json records (``"postprocess"``, tuned on the validation images by
+`finetune`; absent = the defaults of :class:`gsd_wsi.instances.PostprocessConfig`), and its
+pixel scores are those of the object (interior + boundary) against the object's truth, on the
+classes ``[background, <object>]``. Every instance metric is also reported on the connected
+components of the predicted object, suffixed ``_cc`` (``aji_cc``, ``pq_cc``, ...), for
+comparison; for a semantic model both are the same.
 
 Resolution: the images are at ``--mpp``, else at the model's ``data_mpp`` (the resolution
 of the images it was fine-tuned from), else at the model's ``mpp``. When that differs from the
@@ -55,11 +65,13 @@ from gsd_wsi.datasets import (
     LabelledImage,
     discover,
     load_example,
+    load_instance_example,
     read_split_file,
     resample_example,
 )
 from gsd_wsi.errors import ConfigError, GsdWsiError
 from gsd_wsi.imageops import predict_at_mpp, same_mpp
+from gsd_wsi.instances import PostprocessConfig, instances_from_probabilities
 from gsd_wsi.metrics import (
     aji,
     confusion,
@@ -74,6 +86,7 @@ from gsd_wsi.metrics import (
 from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.qc import save_png
 from gsd_wsi.stain import normalise_image, recorded_normaliser
+from gsd_wsi.targets import object_probabilities
 from gsd_wsi.train.transfer import load_segmentation_network
 
 log = logging.getLogger(__name__)
@@ -85,7 +98,9 @@ PROTOCOL_LABELS = {
 SEMANTIC_KEYS = ("dice", "iou", "precision", "recall", "hd95_px", "hd95_um")
 OVERLAY_MAX_PX = 2048
 REFERENCE_STRIDE_DIVISOR = 4  # the reference cuts its MoNuSeg test images into 256-px patches at stride 64
-PRED_RGB, TRUE_RGB = (255, 255, 0), (0, 255, 0)  # predicted outline yellow, true outline green
+PRED_RGB, TRUE_RGB = (255, 0, 255), (0, 255, 255)  # predicted outline magenta, true outline cyan
+OVERLAY_LEGEND = "magenta: predicted, cyan: true"
+CC_KEYS = ("aji", "pq", "dq", "sq", "object_precision", "object_recall", "object_f1", "n_pred")
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,6 @@ class EvaluateConfig:
     protocol: Literal["standard", "reference"] = "standard"
     overlap: float = 0.5
     mpp: float | None = None  # of the images; None: the model's data_mpp, else its mpp; none known -> hd95_um None
-    watershed: bool = False  # split touching nuclei in the predicted instances
     split_file: Path | None = None
     subset: Literal["all", "train", "val", "test"] = "all"  # with split_file: which images to score
     batch_size: int = 4
@@ -151,22 +165,32 @@ def _instance_scores(pred_inst: np.ndarray, true_inst: np.ndarray, glas: bool) -
 
 
 def score_image(pred: np.ndarray, truth: np.ndarray, true_inst: np.ndarray | None, classes: list[str],
-                mpp: float | None, watershed: bool = False, glas: bool = False) -> tuple[dict, np.ndarray | None]:
-    """One image's scalar metrics (flat dict) and its predicted instances (None without true ones)."""
+                mpp: float | None, glas: bool = False,
+                pred_inst: np.ndarray | None = None) -> tuple[dict, np.ndarray | None]:
+    """One image's scalar metrics (flat dict) and its predicted instances (None without true ones).
+
+    ``pred_inst``: the instances of the model's post-processing; None (a semantic model) scores
+    the connected components of the predicted foreground. The ``_cc`` keys always hold the
+    scores of those connected components.
+    """
     scores = semantic_scores(pred, truth, len(classes), mpp)
     row: dict[str, Any] = {key: scores["foreground_mean"][key] for key in SEMANTIC_KEYS}
     for name, per_class in zip(classes, scores["per_class"]):
         row |= {f"{key}_{name}": per_class[key] for key in SEMANTIC_KEYS}
-    pred_inst = None
-    if true_inst is not None:
-        foreground = pred == 1 if len(classes) == 2 else pred != 0
-        pred_inst = label_instances(foreground, watershed=watershed)
-        row |= _instance_scores(pred_inst, true_inst, glas)
-    return row, pred_inst
+    if true_inst is None:
+        return row, None
+    foreground = pred == 1 if len(classes) == 2 else pred != 0
+    cc_inst = label_instances(foreground)
+    cc_row = _instance_scores(cc_inst, true_inst, glas and pred_inst is None)
+    if pred_inst is None:
+        pred_inst, primary = cc_inst, cc_row
+    else:
+        primary = _instance_scores(pred_inst, true_inst, glas)
+    return row | primary | {f"{key}_cc": cc_row[key] for key in CC_KEYS}, pred_inst
 
 
 def overlay(image: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray) -> np.ndarray:
-    """The image with predicted outlines in yellow and true ones in green, legend top left."""
+    """The image with predicted outlines in magenta and true ones in cyan, legend top left."""
     step = max(1, math.ceil(max(image.shape[:2]) / OVERLAY_MAX_PX))
     out = np.array(image[::step, ::step], dtype=np.uint8)
     out[find_boundaries(true_labels[::step, ::step], mode="inner")] = TRUE_RGB
@@ -185,6 +209,40 @@ def overlay(image: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray)
             x = right + 12
         out = np.asarray(picture).copy()
     return out
+
+
+def _load(item: LabelledImage, n_classes: int, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(image, semantic, instances or None)``. For an instance target (one object class) a mask
+    holding several ids is read as instances, as `finetune` reads it; a binary mask's connected
+    components are not taken as true instances (touching nuclei would merge in the truth too)."""
+    if kind == "semantic":
+        return load_example(item, n_classes)
+    image, instances, source = load_instance_example(item)
+    truth = (instances > 0).astype(np.int64)
+    return image, truth, (None if source == "mask connected components" else instances)
+
+
+def model_postprocess(info: dict[str, Any]) -> tuple[str, PostprocessConfig | None]:
+    """The model's target kind (model.json ``"target"``; absent = semantic) and, for an instance
+    target, its post-processing (``"postprocess"``; absent or missing keys = the defaults)."""
+    kind = str((info.get("target") or {}).get("kind", "semantic"))
+    if kind == "semantic":
+        return kind, None
+    record = dict(info.get("postprocess") or {})
+    if record.setdefault("kind", kind) != kind:
+        raise ConfigError(f"model.json: target kind {kind!r} but postprocess kind {record['kind']!r}; "
+                          "re-run finetune or fix model.json")
+    return kind, PostprocessConfig.from_dict(record)
+
+
+def pixel_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """The probabilities of the classes pixel scores are on: a contour model's object is interior +
+    boundary, a distance model's background and foreground channels; a semantic model's as they are."""
+    if kind == "contour":
+        return object_probabilities(probabilities)
+    if kind == "distance":
+        return probabilities[:2]
+    return probabilities
 
 
 def _patch_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[str, list[float]]:
@@ -243,12 +301,18 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     """
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
     model, info = load_segmentation_network(model_dir)
+    kind, postprocess = model_postprocess(info)
     classes = [str(c) for c in info["classes"]]
+    if kind != "semantic":  # scored as background / object; the object is interior + boundary (contour)
+        classes = classes[:2]
     patch_px, input_range = int(info["patch_px"]), tuple(float(v) for v in info["input_range"])
     normaliser = recorded_normaliser(info.get("stain"))
     model_mpp = info.get("mpp")
     mpp, mpp_source = image_resolution(config, info)  # the images'
     resampled = mpp is not None and model_mpp is not None and not same_mpp(mpp, model_mpp)
+    if kind != "semantic" and config.protocol == "standard" and mpp is None:
+        raise ConfigError(f"the {kind} model's post-processing needs the images' resolution for its areas "
+                          "in um^2; give --mpp")
     if resampled:
         log.info("images at %.4g um/px (%s) are predicted at the model's %.4g um/px", mpp, mpp_source, model_mpp)
         if mpp > model_mpp:
@@ -262,17 +326,20 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     if config.protocol == "standard":
         (out_dir / "overlays").mkdir(exist_ok=True)
 
+    def probabilities(image: np.ndarray, overlap: float, image_mpp: float | None) -> np.ndarray:
+        """(C, H, W) probabilities at the image's size, predicted at the model's mpp."""
+        return predict_at_mpp(lambda rgb: predict_probabilities(model, rgb, patch_px, overlap, input_range,
+                                                                config.batch_size), image, image_mpp, model_mpp)
+
     def predict(image: np.ndarray, overlap: float, image_mpp: float | None) -> np.ndarray:
-        """Class indices at the image's size, predicted at the model's mpp."""
-        probs = predict_at_mpp(lambda rgb: predict_probabilities(model, rgb, patch_px, overlap, input_range,
-                                                                 config.batch_size), image, image_mpp, model_mpp)
-        return np.argmax(probs, axis=0)
+        """Class indices of ``classes`` at the image's size."""
+        return np.argmax(pixel_probabilities(probabilities(image, overlap, image_mpp), kind), axis=0)
 
     rows: list[dict[str, Any]] = []
     patch_scores: list[dict[str, list[float]]] = []
     for index, item in enumerate(items):
         try:
-            image, truth, true_inst = load_example(item, len(classes))
+            image, truth, true_inst = _load(item, len(classes), kind)
             if normaliser is not None:
                 image = normalise_image(normaliser, image)
         except GsdWsiError as exc:
@@ -291,14 +358,19 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
             rows.append({"name": item.name, "n_patches": len(corners)})
             log.info("%s: %d patch(es) of %d px at stride %d", item.name, len(corners), patch_px, stride)
         else:
-            pred = predict(image, config.overlap, mpp)
-            row, pred_inst = score_image(pred, truth, true_inst, classes, mpp, config.watershed,
-                                         glas=item.instance_path is not None)
+            probs = probabilities(image, config.overlap, mpp)
+            pred = np.argmax(pixel_probabilities(probs, kind), axis=0)
+            post_inst = None
+            if kind != "semantic" and true_inst is not None:
+                assert postprocess is not None and mpp is not None
+                post_inst = instances_from_probabilities(probs, postprocess, mpp)
+            row, pred_inst = score_image(pred, truth, true_inst, classes, mpp,
+                                         glas=item.instance_path is not None, pred_inst=post_inst)
             rows.append({"name": item.name} | row)
             shown_true = true_inst if true_inst is not None else truth
             shown_pred = pred_inst if pred_inst is not None else pred
             save_png(out_dir / "overlays" / f"{item.name}.png", overlay(image, shown_pred, shown_true),
-                     {"Software": f"gsd-wsi {__version__}", "Legend": "yellow: predicted, green: true"})
+                     {"Software": f"gsd-wsi {__version__}", "Legend": OVERLAY_LEGEND})
             extra = f", AJI {row['aji']:.3f}, PQ {row['pq']:.3f}" if "aji" in row else ""
             log.info("%s: Dice %.3f, IoU %.3f%s", item.name, row["dice"], row["iou"], extra)
         if progress is not None:
@@ -324,7 +396,8 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
         "gsd_wsi_version": __version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
         | {"mpp_used": mpp, "mpp_source": mpp_source, "model_mpp": model_mpp, "resampled": resampled,
-           "patch_px": patch_px, "stain": (info.get("stain") or {}).get("method", "none")},
+           "patch_px": patch_px, "stain": (info.get("stain") or {}).get("method", "none"),
+           "target": kind, "postprocess": postprocess.to_dict() if postprocess is not None else None},
     }
     result = _json_safe(result)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")

@@ -229,7 +229,7 @@ def _segment_settings(path: Path, section: dict[str, Any] | None) -> tuple[Segme
 
 
 def _pretrain_settings(path: Path, section: dict[str, Any]) -> tuple[Any, int, list[Path]]:
-    from gsd_wsi.stages.pretrain_config import PretrainConfig
+    from gsd_wsi.train.pretrain_config import PretrainConfig
 
     settings = dict(section)
     nproc = int(settings.pop("nproc", 1))

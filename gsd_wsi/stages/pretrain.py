@@ -31,7 +31,7 @@ from gsd_wsi import __version__
 from gsd_wsi.errors import RunFolderError
 from gsd_wsi.nn.schedule import NoiseSchedule, ScheduleConfig
 from gsd_wsi.nn.unet import UNet, UNetConfig, unet_config
-from gsd_wsi.stages.pretrain_config import PretrainConfig
+from gsd_wsi.train.pretrain_config import PretrainConfig
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.data import PatchIndex, find_stores, index_patches
 from gsd_wsi.train.ddp import broadcast_object, check_nproc, init_distributed, launch, resolve_device, teardown

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel
 from gsd_wsi.errors import TrainingDivergedError
 from gsd_wsi.nn.schedule import NoiseSchedule
 from gsd_wsi.nn.unet import UNet
-from gsd_wsi.stages.pretrain_config import PretrainConfig
+from gsd_wsi.train.pretrain_config import PretrainConfig
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.data import EpochSampler, PatchDataset, PatchIndex, make_loader
 from gsd_wsi.train.ddp import DistContext, all_reduce_mean, barrier, gather_objects
