@@ -301,3 +301,96 @@ def test_target_refusals(tmp_path: Path) -> None:
     data = _touching_nuclei_dataset(tmp_path / "data")  # PNGs record no resolution
     with pytest.raises(ConfigError, match=r"--target contour \(--boundary-um 2.0\) needs the resolution.*--mpp"):
         run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST | {"target": "contour"}), pretrained=None)
+
+
+def _finetune_args(data: Path, run: Path, epochs: int) -> list[str]:
+    """The CLI form of FAST, from scratch."""
+    return ["finetune", str(data), "-o", str(run), "--pretrained", "none", "--model", "tiny", "--init", "pytorch",
+            "--epochs", str(epochs), "--batch-size", "4", "--patch-px", "32", "--crops-per-image", "4", "--lr", "2e-3",
+            "--val-fraction", "0.25", "--seed", "0", "--device", "cpu"]
+
+
+def test_sigkill_then_resume(tmp_path: Path) -> None:
+    """kill -9 in the middle of a run, then --resume: it finishes, one metric line per epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data, run, epochs = _toy_dataset(tmp_path / "data"), tmp_path / "run", 15
+    command = [sys.executable, "-m", "gsd_wsi", "-q", *_finetune_args(data, run, epochs)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}  # a tiny model: threads only contend
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env=env)
+    state = run / "checkpoint" / "state.pt"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            if state.is_file() and torch.load(state, weights_only=True)["epoch"] >= 2:
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    killed_at = torch.load(state, weights_only=True)
+    assert 2 <= killed_at["epoch"] < epochs, "the run ended before it was killed"
+    assert not (run / "last").exists()
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps_per_epoch = killed_at["step"] // killed_at["epoch"]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    assert [r["step"] for r in rows] == [steps_per_epoch * e for e in range(1, epochs + 1)]
+    assert torch.load(state, weights_only=True)["epoch"] == epochs
+    _, info = load_segmentation_network(run)
+    assert info["val_dice"] == max(r["val_dice"] for r in rows)
+    assert (run / "last" / "model.safetensors").is_file() and (run / "curves.png").is_file()
+
+
+def test_resume_refusals(tmp_path: Path) -> None:
+    data = _toy_dataset(tmp_path / "data")
+    config = FinetuneConfig(**FAST | {"epochs": 1})
+    with pytest.raises(RunFolderError, match="no run to resume"):
+        run_finetune(data, tmp_path / "run", config, pretrained=None, resume=True)
+    run_finetune(data, tmp_path / "run", config, pretrained=None)
+    with pytest.raises(RunFolderError, match="give one"):
+        run_finetune(data, tmp_path / "run", config, pretrained=None, resume=True, overwrite=True)
+    with pytest.raises(RunFolderError, match=r"settings differ.*lr: run has 0.002, now 0.001"):
+        run_finetune(data, tmp_path / "run", FinetuneConfig(**FAST | {"epochs": 1, "lr": 1e-3}), pretrained=None,
+                     resume=True)
+    other = CliRunner().invoke(app, [*_finetune_args(data, tmp_path / "run", 1), "--batch-size", "2", "--resume"])
+    assert other.exit_code == 2 and "batch_size" in other.output
+    run_finetune(data, tmp_path / "run", config, pretrained=None, resume=True)  # a finished run: nothing to redo
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "checkpoint")
+    with pytest.raises(RunFolderError, match="no checkpoint"):
+        run_finetune(data, tmp_path / "run", config, pretrained=None, resume=True)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted after epoch 2 of 4 and resumed: the same weights and losses as a run straight through."""
+    from gsd_wsi.stages import finetune
+    from gsd_wsi.train import checkpoint as ckpt
+
+    data, config = _toy_dataset(tmp_path / "data"), FinetuneConfig(**FAST | {"epochs": 4, "device": "cpu"})
+    run_finetune(data, tmp_path / "straight", config, pretrained=None)
+    save = ckpt.save_checkpoint
+
+    def interrupted(folder: Path, *args, **kwargs) -> Path:
+        saved = save(folder, *args, **kwargs)
+        if Path(folder).name == "checkpoint" and args[3]["epoch"] == 2:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(finetune.ckpt, "save_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(data, tmp_path / "resumed", config, pretrained=None)
+    monkeypatch.setattr(finetune.ckpt, "save_checkpoint", save)
+    run_finetune(data, tmp_path / "resumed", config, pretrained=None, resume=True)
+    straight, resumed = (ckpt.load_weights(tmp_path / name / "last", ema=False) for name in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("straight", "resumed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4

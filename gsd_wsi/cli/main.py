@@ -190,6 +190,7 @@ def finetune(
     target: Annotated[str, typer.Option(help="semantic (the masks' classes), contour (background, interior, boundary from the instances: keeps touching nuclei apart) or distance (not available yet).")] = "semantic",
     boundary_um: Annotated[float, typer.Option(help="Width of the contour target's boundary band in micrometres [2.0: 8 px at 0.25 um/px].")] = 2.0,
     overwrite: Annotated[bool, typer.Option(help="Replace the run in OUT.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last checkpoint (the run's settings).")] = False,
 ) -> None:
     """Fine-tune the pretrained U-Net for segmentation (or train it from scratch: --pretrained none)."""
     from gsd_wsi.cli.progress import TrainProgressBars
@@ -204,7 +205,8 @@ def finetune(
             device=device, target=target, boundary_um=boundary_um,  # type: ignore[arg-type]
         )
         source = None if pretrained.lower() == "none" else Path(pretrained)
-        model_dir = run_finetune(data, out, config, source, overwrite=overwrite, progress_factory=TrainProgressBars)
+        model_dir = run_finetune(data, out, config, source, overwrite=overwrite, progress_factory=TrainProgressBars,
+                                 resume=resume)
     except GsdWsiError as exc:
         raise _fail(exc) from exc
     console.print(f"segmentation model: {model_dir}   curves: {out / 'curves.png'}", highlight=False)

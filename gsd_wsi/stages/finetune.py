@@ -8,6 +8,8 @@ Run folder::
     RUN/model/           the best network by validation Dice (safetensors + model.json with the
                          classes, patch size, mpp and data_mpp, input range and stain normalisation)
     RUN/last/            the network after the last epoch
+    RUN/checkpoint/      after every epoch: weights, optimizer, epoch/step and best Dice (state.pt),
+                         what ``resume`` continues from; replaced atomically, so only the last is kept
 
 Training images are cut into random crops every epoch; validation predicts whole images by
 sliding window, as evaluation does, and keeps the best model by foreground Dice.
@@ -28,6 +30,11 @@ validation Dice is that of the object (interior + boundary). Instances come from
 a GlaS instance image or a mask's instance ids, else a binary mask's connected components
 (touching objects then stay merged; logged). ``distance`` (foreground plus a regressed
 distance map) is refused until `segment` and `evaluate` can read a regression channel.
+
+``resume`` continues an interrupted run from RUN/checkpoint/ with the run's settings (those
+of config.json; only ``device`` may differ). Every epoch draws its crops, augmentation and
+shuffle from generators seeded by (``seed``, epoch), so the resumed epochs see the data an
+uninterrupted run would; metric lines past the checkpoint are dropped before appending.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -344,12 +352,64 @@ def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.
     return float(np.mean(defined)) if defined else math.nan
 
 
+CHECKPOINT = "checkpoint"
+RESUME_FREE = ("device",)  # settings a resumed run may change
+
+
+def _seed_epoch(config: FinetuneConfig, epoch: int, dataset: CropDataset) -> None:
+    """Seed the shuffle, crops and augmentation of ``epoch`` (0-based) from ``config.seed``."""
+    torch.manual_seed(config.seed * 100_003 + epoch)
+    dataset.rng = np.random.default_rng([config.seed, epoch])
+    dataset.augment.set_random_state(seed=(config.seed * 100_003 + epoch) % 2**32)
+
+
+def _check_resume(run_dir: Path, config: FinetuneConfig) -> Path:
+    """The checkpoint to resume from, after checking the run's settings are ``config``'s."""
+    saved_path = run_dir / "config.json"
+    try:
+        saved = json.loads(saved_path.read_text())["finetune"]
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"{saved_path} is unreadable ({exc}); use --overwrite to start afresh") from exc
+    now = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as config.json holds them
+    differences = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v}
+    if differences:
+        listed = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in differences.items())
+        raise RunFolderError(f"--resume: the settings differ from the run's ({listed}); use the run's settings "
+                             "or --overwrite")
+    folder = run_dir / CHECKPOINT
+    if not (folder / ckpt.STATE).is_file():
+        raise RunFolderError(f"--resume: {run_dir} has no checkpoint ({folder.name}/) to resume from; "
+                             "start afresh with --overwrite")
+    ckpt.load_train_state(folder)  # fail here, before loading the data, on a corrupt checkpoint
+    return folder
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint a resumed run continues from."""
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass  # a line cut short by a crash
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConfig, pretrained: Path | None,
-                 overwrite: bool = False, progress_factory: Callable[[], TrainProgress] | None = None) -> Path:
-    """Fine-tune (or, with ``pretrained=None``, train from scratch); returns ``RUN/model``."""
+                 overwrite: bool = False, progress_factory: Callable[[], TrainProgress] | None = None,
+                 resume: bool = False) -> Path:
+    """Fine-tune (or, with ``pretrained=None``, train from scratch); returns ``RUN/model``.
+
+    ``resume`` continues the run in ``run_dir`` from its last checkpoint (same settings).
+    """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
-    if (run_dir / "config.json").exists() and not overwrite:
-        raise RunFolderError(f"{run_dir} holds a run; choose another -o or use --overwrite")
+    if resume and overwrite:
+        raise RunFolderError("--resume continues the run in the folder and --overwrite replaces it; give one")
+    if resume and not (run_dir / "config.json").exists():
+        raise RunFolderError(f"--resume: {run_dir} holds no run to resume; start one without --resume")
+    if (run_dir / "config.json").exists() and not (overwrite or resume):
+        raise RunFolderError(f"{run_dir} holds a run; continue it with --resume, choose another -o or use --overwrite")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if config.model is None and pretrained is not None:
@@ -360,6 +420,7 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     model = model.to(device)
     splits, problems = _splits(data_dir, config)
     config, data_mpp_source = with_data_mpp(config, splits["train"] + splits["val"])
+    resume_from = _check_resume(run_dir, config) if resume else None
     normaliser = stain_normaliser(config)
     # training crops at the model's resolution; validation images at their own, scored as `evaluate` does
     train, val = _load(splits["train"], config, normaliser, config.train_mpp), _load(splits["val"], config, normaliser)
@@ -368,12 +429,15 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     # what `evaluate` and `segment` reproduce: the method, its settings and target, no source
     stain_record = {"method": "none"} if normaliser is None else {**normaliser.params, "source": None}
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(run_dir / "config.json", {
-        "finetune": config.to_dict(), "data": str(data_dir), "data_mpp_source": data_mpp_source,
-        "pretrained": provenance, "problems": problems,
-        "split": {k: [i.name for i in v] for k, v in splits.items()}, "gsd_wsi_version": __version__})
-    (run_dir / "metrics.jsonl").write_text("")
-    loader = torch.utils.data.DataLoader(CropDataset(train, config), batch_size=config.batch_size, shuffle=True,
+    if resume_from is None:
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # an overwritten run's
+        ckpt.write_json(run_dir / "config.json", {
+            "finetune": config.to_dict(), "data": str(data_dir), "data_mpp_source": data_mpp_source,
+            "pretrained": provenance, "problems": problems,
+            "split": {k: [i.name for i in v] for k, v in splits.items()}, "gsd_wsi_version": __version__})
+        (run_dir / "metrics.jsonl").write_text("")
+    dataset = CropDataset(train, config)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                                          drop_last=len(train) * config.crops_per_image >= config.batch_size,
                                          num_workers=config.num_workers, worker_init_fn=_worker_seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
@@ -386,11 +450,19 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
                 len(splits["test"]), f"from {provenance['pretrained']}" if pretrained else "from scratch")
     total = config.epochs * len(loader)
     log_cpu_training_time(model, config.batch_size, config.patch_px, total, device)  # before a silent hour
+    step, best, first_epoch = 0, -math.inf, 0
+    if resume_from is not None:
+        state = ckpt.load_train_state(resume_from)
+        model.load_state_dict(ckpt.load_weights(resume_from, ema=False))
+        optimizer.load_state_dict(state["optimizer"])
+        step, first_epoch, best = int(state["step"]), int(state["epoch"]), float(state["best_val_dice"])
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        logger.info("resumed from %s at epoch %d of %d (step %d)", resume_from, first_epoch, config.epochs, step)
     progress = progress_factory() if progress_factory else None
     if progress:
-        progress.start(total, 0)
-    step, best = 0, -math.inf
-    for epoch in range(config.epochs):
+        progress.start(total, step)
+    for epoch in range(first_epoch, config.epochs):
+        _seed_epoch(config, epoch, dataset)
         model.train()
         started, losses = time.perf_counter(), []
         for x, y in loader:
@@ -417,6 +489,10 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
             best = score
             ckpt.save_checkpoint(run_dir / "model", model.state_dict(), None,
                                  model_json | {"epoch": epoch + 1, "step": step, "val_dice": row.get("val_dice")}, None)
+        # after RUN/model: a checkpoint never claims a best that is not on disk
+        ckpt.save_checkpoint(run_dir / CHECKPOINT, model.state_dict(), None, model_json | {"epoch": epoch + 1, "step": step},
+                             {"epoch": epoch + 1, "step": step, "best_val_dice": float(best),
+                              "optimizer": optimizer.state_dict()})
     ckpt.save_checkpoint(run_dir / "last", model.state_dict(), None, model_json | {"epoch": config.epochs, "step": step}, None)
     if config.target == "contour" and val:  # post-processing tuned on the kept (best) model
         model.load_state_dict(ckpt.load_weights(run_dir / "model", ema=False))
