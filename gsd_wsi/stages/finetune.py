@@ -70,7 +70,7 @@ from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.augment import training_augmentation
 from gsd_wsi.train.ddp import resolve_device
 from gsd_wsi.train.estimate import log_cpu_training_time
-from gsd_wsi.train.monitor import plot_curves
+from gsd_wsi.train.monitor import plot_curves, truncate_metrics
 from gsd_wsi.train.pretrain_loop import TrainProgress
 from gsd_wsi.train.transfer import pretrained_unet_config, segmentation_model_json, segmentation_unet
 
@@ -384,16 +384,6 @@ def _check_resume(run_dir: Path, config: FinetuneConfig) -> Path:
     return folder
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint a resumed run continues from."""
-    kept = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            pass  # a line cut short by a crash
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConfig, pretrained: Path | None,
@@ -456,7 +446,7 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
         model.load_state_dict(ckpt.load_weights(resume_from, ema=False))
         optimizer.load_state_dict(state["optimizer"])
         step, first_epoch, best = int(state["step"]), int(state["epoch"]), float(state["best_val_dice"])
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
         logger.info("resumed from %s at epoch %d of %d (step %d)", resume_from, first_epoch, config.epochs, step)
     progress = progress_factory() if progress_factory else None
     if progress:

@@ -35,6 +35,7 @@ from gsd_wsi.train.pretrain_config import PretrainConfig
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.data import PatchIndex, find_stores, index_patches
 from gsd_wsi.train.ddp import broadcast_object, check_nproc, init_distributed, launch, resolve_device, teardown
+from gsd_wsi.train.monitor import truncate_metrics
 from gsd_wsi.train.pretrain_loop import PretrainLoop, RunPaths, TrainProgress
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def train_process(job: PretrainJob) -> None:
         loop = PretrainLoop(ctx, job.config, model, schedule, job.index, paths, info)
         if job.resume_from is not None:
             loop.resume_from(job.resume_from)
-            _truncate_metrics(paths.metrics, loop.step, ctx.is_main)
+            if ctx.is_main:
+                truncate_metrics(paths.metrics, loop.step)
         if ctx.is_main:
             n_params = sum(p.numel() for p in model.parameters())
             logger.info("pretraining %s U-Net (%.2f M parameters) on %d patches (%d held out) with %d process(es) "
@@ -164,16 +166,3 @@ def train_process(job: PretrainJob) -> None:
         teardown()
 
 
-def _truncate_metrics(path: Path, step: int, is_main: bool) -> None:
-    """Drop metric lines written after the checkpoint a resumed run continues from."""
-    if not is_main or not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if _line_step(line) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _line_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return 1 << 62  # a line cut short by a crash: dropped

@@ -104,3 +104,19 @@ def plot_curves(metrics_path: Path, out_path: Path, title: str, panels: list[tup
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(out_path, buffer.getvalue())
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metric lines written after ``step``, the checkpoint a resumed run continues
+    from (and a line cut short by a crash), so the file holds each step once."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if _line_step(line) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return 1 << 62  # a line cut short by a crash: dropped
