@@ -6,13 +6,17 @@ A crash leaves at most a ``.tmp-*`` sibling that no reader takes for a finished 
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 TMP_PREFIX = ".tmp-"
 
@@ -42,6 +46,18 @@ def _umask() -> int:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """Rows as a CSV (columns: ``columns``, else every key in order of first appearance);
+    missing and None cells are empty."""
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    atomic_write_text(path, buffer.getvalue())
 
 
 def temporary_sibling(path: Path) -> Path:

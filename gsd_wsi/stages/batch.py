@@ -13,9 +13,7 @@ the rest::
 
 from __future__ import annotations
 
-import csv
 import fcntl
-import io
 import logging
 import logging.handlers
 import multiprocessing as mp
@@ -27,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
 
-from gsd_wsi.atomic import atomic_write_text, remove_stale_temporaries
+from gsd_wsi.atomic import atomic_write_csv, remove_stale_temporaries
 from gsd_wsi.errors import GsdWsiError, OutputError
 from gsd_wsi.manifest import SlideInput
 from gsd_wsi.progress import NullProgress, Progress
@@ -126,12 +124,7 @@ class BatchRun:
 
     def write_summary(self) -> None:
         rows = [r.summary_row() for r in self.results]
-        columns = list(dict.fromkeys(key for row in rows for key in row)) or ["slide_id", "path", "status", "error"]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.summary_path, buffer.getvalue())
+        atomic_write_csv(self.summary_path, rows, None if rows else ["slide_id", "path", "status", "error"])
 
 
 def log_result(result: SlideOutcome) -> None:

@@ -25,10 +25,8 @@ anything dask.distributed runs on). The client only plans, submits and records:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -40,7 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gsd_wsi import __version__
-from gsd_wsi.atomic import atomic_write_text
+from gsd_wsi.atomic import atomic_write_csv
 from gsd_wsi.errors import ConfigError, OutputError, SchedulerError
 from gsd_wsi.manifest import SlideInput, check_ids, collect_inputs
 from gsd_wsi.stages.claim import DEFAULT_STALE_S, SlideBusy, claim_slide, read_status, write_stage_status
@@ -472,9 +470,7 @@ def write_summary(result: CohortResult) -> Path:
                           for name in r.details.get("class_mm2", {})})
     columns = ["slide_id", "stage", "status", "attempts", "seconds", "n_patches", "n_windows", "tissue_mm2",
                *[f"{c}_mm2" for c in class_names], "output_bytes", "host", "error_kind", "error", "settings_hash", "path"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
+    rows = []
     for slide in result.slides:
         for stage, r in slide.records.items():
             d = r.details
@@ -484,9 +480,8 @@ def write_summary(result: CohortResult) -> Path:
                    "output_bytes": sum(r.outputs.values()) if r.outputs else "", "host": r.host,
                    "error_kind": r.error_kind, "error": r.error, "settings_hash": r.settings_hash,
                    "path": str(slide.slide.path)}
-            row |= {f"{c}_mm2": f"{a:.4f}" for c, a in d.get("class_mm2", {}).items()}
-            writer.writerow(row)
-    atomic_write_text(result.summary_path, buffer.getvalue())
+            rows.append(row | {f"{c}_mm2": f"{a:.4f}" for c, a in d.get("class_mm2", {}).items()})
+    atomic_write_csv(result.summary_path, rows, columns)
     return result.summary_path
 
 

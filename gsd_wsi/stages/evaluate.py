@@ -44,8 +44,6 @@ source, the model's mpp and whether the images were ``resampled``), ``per_image.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -59,7 +57,7 @@ from PIL import Image, ImageDraw, ImageFont
 from skimage.segmentation import find_boundaries
 
 from gsd_wsi import __version__
-from gsd_wsi.atomic import atomic_write_text
+from gsd_wsi.atomic import atomic_write_csv, atomic_write_text
 from gsd_wsi.datasets import (
     DatasetError,
     LabelledImage,
@@ -283,15 +281,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    atomic_write_text(path, buffer.getvalue())
-
 
 def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: EvaluateConfig = EvaluateConfig(),
                  progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
@@ -401,7 +390,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     }
     result = _json_safe(result)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    _write_csv(out_dir / "per_image.csv", rows)
+    atomic_write_csv(out_dir / "per_image.csv", rows)
     if not rows:
         raise DatasetError(f"{data_dir}: no image could be scored; problems (also in {out_dir / 'metrics.json'}): "
                            + "; ".join(problems[:3]))
