@@ -350,9 +350,9 @@ class _Run:
         # local workers inherit; os.cpu_count() counts the whole machine's
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         per_task = max(1, cores // (config.workers * config.threads_per_worker))
-        self.local = config.scheduler == "local"
-        self.torch_threads = per_task if self.local else 0
-        self.fill_threads = min(2, per_task) if self.local else 2
+        local = config.scheduler == "local"  # on a remote cluster the workers' own cores are unknown here
+        self.torch_threads = per_task if local else 0
+        self.fill_threads = min(2, per_task) if local else 2
 
     def job(self, item: SlideInput, stage: str, wait_s: float = 0.0) -> StageJob:
         return StageJob(item, stage, self.out_dir, self.hashes[(item.slide_id, stage)], self.config.tile,  # type: ignore[arg-type]
