@@ -170,8 +170,10 @@ def instances_from_probabilities(probabilities: np.ndarray, config: PostprocessC
     return relabel_sequential(labels.astype(np.int32))[0].astype(np.int32)
 
 
-def tune_postprocess(examples: Sequence[tuple[np.ndarray, np.ndarray]], kind: str, mpp: float) -> PostprocessConfig:
-    """The post-processing of the grid (SEED_GRID x FOREGROUND_GRID x MIN_AREA_GRID_UM2) of best mean AJI.
+def tune_postprocess(examples: Sequence[tuple[np.ndarray, np.ndarray]], kind: str,
+                     mpp: float) -> tuple[PostprocessConfig, float]:
+    """The post-processing of the grid (SEED_GRID x FOREGROUND_GRID x MIN_AREA_GRID_UM2) of best
+    mean AJI, and that mean AJI (NaN when no image defines one).
 
     ``examples`` are ``(probabilities (C, H, W), true instances (H, W))`` pairs at ``mpp`` um/px,
     and must be VALIDATION images only: thresholds tuned on the test images would flatter the
@@ -204,11 +206,11 @@ def tune_postprocess(examples: Sequence[tuple[np.ndarray, np.ndarray]], kind: st
     defined = ~np.isnan(scores)
     if not defined.any():
         log.info("no validation image with objects: the default post-processing is kept")
-        return base
+        return base, math.nan
     # NaNs are the same images in every column (no objects on either side), so the means compare
     mean = np.where(defined, scores, 0.0).sum(axis=0) / defined.sum(axis=0).clip(min=1)
     best = int(np.argmax(mean))
     seed_t, fg_t, min_area = settings[best]
     tuned = replace(base, seed_threshold=seed_t, foreground_threshold=fg_t, min_area_um2=min_area)
     log.info("post-processing tuned on %d validation image(s): %s, mean AJI %.4f", len(examples), tuned, mean[best])
-    return tuned
+    return tuned, float(mean[best])

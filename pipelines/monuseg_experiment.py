@@ -10,19 +10,24 @@ pipelines/monuseg_split.json (24 training images, 6 test images, by whole image)
    normalisation (fine-tuning and evaluation see the images as they are). Test images are
    never tiled.
 2. `gsd-wsi pretrain`: the U-Net as a denoising diffusion model on those unlabelled patches.
-3. `gsd-wsi finetune`, for each label fraction, seed and start (pretrained or from scratch).
+3. `gsd-wsi finetune`, for each target (semantic, contour), label fraction, seed and start
+   (pretrained or from scratch); its instance post-processing is tuned on its validation images.
    Both starts use the same images for a given seed and fraction (validation split and label
    subset depend on the seed only), the same steps and the same settings. An epoch is
    ``--crops`` crops per image at 100 % labels; at fraction f each image gives ``crops / f``
    crops, so every run sees about the same number of crops and optimiser steps.
 4. `gsd-wsi evaluate` on the 6 test images (standard protocol: whole images, sliding window).
-5. ``OUT/results.md``, ``OUT/results.json`` and ``OUT/results.png``: Dice, AJI and HD95 as
+5. ``OUT/results.md``, ``OUT/results.json`` and ``OUT/results.png``: Dice, AJI, PQ and HD95 as
    mean and sample standard deviation over seeds (each seed's value is its mean over the test
    images), with the pretrained-minus-scratch difference paired by seed.
 
 Interrupted? Run the same command again: finished steps are kept (the tiler skips finished
 images, pretraining resumes from its last checkpoint, finished fine-tuning runs and
-evaluations are reused, an unfinished fine-tuning run is redone).
+evaluations are reused, an unfinished fine-tuning run resumes from its last epoch).
+
+Ablations are the same command with other settings and another ``--out`` (``--pretrained-run``
+reuses a finished pretraining), e.g. ``--starts scratch --fractions 1 --seeds 0 --model small``
+for a capacity row, or ``--body-lr-scale 0.1`` for a pretrained body learning slower.
 """
 
 from __future__ import annotations
@@ -53,13 +58,14 @@ METRICS = (("dice", "Dice", True), ("aji", "AJI", True), ("pq", "PQ", True), ("h
 
 @dataclass(frozen=True)
 class FinetuneRun:
+    target: str         # "semantic" or "contour"
     start: str          # "pretrained" or "scratch"
     fraction: float
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.start}_f{round(self.fraction * 100):03d}_s{self.seed}"
+        return f"{self.target}_{self.start}_f{round(self.fraction * 100):03d}_s{self.seed}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=5, help="Fine-tuning epochs between validations.")
     p.add_argument("--crops", type=int, default=8, help="Crops per image per epoch at 100 %% labels.")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--targets", nargs="+", default=["semantic", "contour"], choices=["semantic", "contour"])
+    p.add_argument("--starts", nargs="+", default=["pretrained", "scratch"], choices=["pretrained", "scratch"])
+    p.add_argument("--loss", default="dice+ce", help="Fine-tuning loss: dice+ce or ss+focal (the method's).")
+    p.add_argument("--lr", type=float, default=1e-3, help="Fine-tuning learning rate (of the head, with --body-lr-scale).")
+    p.add_argument("--boundary-um", type=float, default=2.0, help="The contour target's boundary band.")
+    p.add_argument("--use-top-skip", action="store_true", help="U-Net with the first level's skip (pretrain and scratch).")
+    p.add_argument("--body-lr-scale", type=float, default=1.0, help="The pretrained body's learning rate, x --lr.")
+    p.add_argument("--freeze-body-epochs", type=int, default=0, help="Epochs training the new head alone first.")
+    p.add_argument("--pretrained-run", type=Path, help="A finished `gsd-wsi pretrain` run to use instead of OUT/pretrain.")
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="Fine-tuning runs at once; the cores are shared among them.")
@@ -125,6 +140,7 @@ def pretrain(args: argparse.Namespace, out: Path, tiles: Path) -> Path:
         log.info("pretraining already finished: %s", run)
         return run
     command = ["pretrain", str(tiles), "-o", str(run), "--model", args.model, "--image-size", str(args.patch_px),
+               *(["--use-top-skip"] if args.use_top_skip else []),
                "--batch-size", str(args.pretrain_batch), "--steps", str(args.pretrain_steps),
                "--lr", str(args.pretrain_lr), "--init", args.init, "--checkpoint-every", "250",
                "--sample-every", str(args.pretrain_steps), "--val-every", "250", "--device", args.device]
@@ -138,13 +154,20 @@ def finetune_and_evaluate(args: argparse.Namespace, out: Path, pretrained: Path,
                           threads: int) -> Path:
     run_dir, eval_dir = out / "finetune" / run.name, out / "eval" / run.name
     if not (run_dir / "last").exists():
-        run_gsd_wsi(["finetune", str(args.data), "-o", str(run_dir), "--overwrite",
-                 "--pretrained", str(pretrained) if run.start == "pretrained" else "none",
-                 "--model", args.model, "--init", args.init, "--patch-px", str(args.patch_px),
+        pretrained_args = ["--pretrained", str(pretrained), "--body-lr-scale", str(args.body_lr_scale),
+                           "--freeze-body-epochs", str(args.freeze_body_epochs)]
+        scratch_args = ["--pretrained", "none", "--model", args.model,
+                        "--use-top-skip" if args.use_top_skip else "--no-top-skip"]
+        resume = (run_dir / "checkpoint" / "state.pt").exists()
+        log_name = f"finetune_{run.name}{'_resumed' if resume else ''}.log"
+        run_gsd_wsi(["finetune", str(args.data), "-o", str(run_dir), "--resume" if resume else "--overwrite",
+                 *(pretrained_args if run.start == "pretrained" else scratch_args),
+                 "--init", args.init, "--patch-px", str(args.patch_px), "--target", run.target,
+                 "--boundary-um", str(args.boundary_um), "--loss", args.loss, "--lr", str(args.lr),
                  "--label-fraction", str(run.fraction), "--crops-per-image", str(round(args.crops / run.fraction)),
                  "--epochs", str(args.epochs), "--val-every", str(args.val_every), "--batch-size", str(args.batch_size),
                  "--split-file", str(args.split_file), "--mpp", str(MONUSEG_MPP), "--seed", str(run.seed),
-                 "--device", args.device], out / "logs" / f"finetune_{run.name}.log", threads)
+                 "--device", args.device], out / "logs" / log_name, threads)
     if not (eval_dir / "metrics.json").exists():
         run_gsd_wsi(["evaluate", str(args.data), "--model", str(run_dir), "-o", str(eval_dir),
                  "--split-file", str(args.split_file), "--subset", "test"], out / "logs" / f"evaluate_{run.name}.log",
@@ -161,25 +184,36 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _validation(run_dir: Path) -> dict[str, float | None]:
+    """The kept model's validation scores (what settings are chosen on, never the test images)."""
+    info = json.loads((run_dir / "model" / "model.json").read_text())
+    return {"val_dice": info.get("val_dice"), "val_aji": info.get("val_aji")}
+
+
 def summarise(args: argparse.Namespace, out: Path, runs: list[FinetuneRun], timings: dict[str, float]) -> dict[str, Any]:
-    """Per (start, fraction): each metric's mean and sample std over seeds, and the paired difference."""
-    per_run: dict[str, dict[str, float]] = {}
+    """Per (target, fraction, start): each metric's mean and sample std over seeds, and the paired difference."""
+    per_run: dict[str, dict[str, float | None]] = {}
     for run in runs:
         summary = json.loads((out / "eval" / run.name / "metrics.json").read_text())["summary"]
-        per_run[run.name] = {key: (summary.get(key) or {}).get("mean") for key, _, _ in METRICS}
+        per_run[run.name] = ({key: (summary.get(key) or {}).get("mean") for key, _, _ in METRICS}
+                             | _validation(out / "finetune" / run.name))
     table: dict[str, Any] = {}
-    for fraction in args.fractions:
-        for start in ("pretrained", "scratch"):
-            values = {key: [per_run[FinetuneRun(start, fraction, s).name][key] for s in args.seeds] for key, _, _ in METRICS}
-            table[f"{start}@{fraction:g}"] = {key: dict(zip(("mean", "std"), _mean_std(v))) | {"per_seed": v}
-                                              for key, v in values.items()}
-        diffs = {}
-        for key, _, _ in METRICS:
-            pre = table[f"pretrained@{fraction:g}"][key]["per_seed"]
-            scr = table[f"scratch@{fraction:g}"][key]["per_seed"]
-            d = [a - b for a, b in zip(pre, scr) if a is not None and b is not None]
-            diffs[key] = dict(zip(("mean", "std"), _mean_std(d))) | {"per_seed": d}
-        table[f"difference@{fraction:g}"] = diffs
+    for target in args.targets:
+        for fraction in args.fractions:
+            for start in args.starts:
+                values = {key: [per_run[FinetuneRun(target, start, fraction, s).name][key] for s in args.seeds]
+                          for key, _, _ in METRICS}
+                table[f"{target}/{start}@{fraction:g}"] = {key: dict(zip(("mean", "std"), _mean_std(v)))
+                                                           | {"per_seed": v} for key, v in values.items()}
+            if set(args.starts) != {"pretrained", "scratch"}:
+                continue
+            diffs = {}
+            for key, _, _ in METRICS:
+                pre = table[f"{target}/pretrained@{fraction:g}"][key]["per_seed"]
+                scr = table[f"{target}/scratch@{fraction:g}"][key]["per_seed"]
+                d = [a - b for a, b in zip(pre, scr) if a is not None and b is not None]
+                diffs[key] = dict(zip(("mean", "std"), _mean_std(d))) | {"per_seed": d}
+            table[f"{target}/difference@{fraction:g}"] = diffs
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     split = {k: v for k, v in read_split_file(args.split_file).items() if v}
     return {"settings": settings, "gsd_wsi_version": __version__, "split": split, "table": table,
@@ -200,20 +234,27 @@ def describe_split(split: dict[str, list[str]]) -> str:
     return ", ".join(parts)
 
 
+def _row_starts(settings: dict[str, Any]) -> list[str]:
+    starts = list(settings["starts"])
+    return starts + (["difference"] if set(starts) == {"pretrained", "scratch"} else [])
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     s = result["settings"]
-    title = (f"MoNuSeg, {describe_split(result['split'])}; {s['model']} U-Net, {s['patch_px']}-px patches; "
-             f"mean ± sample std over seeds {', '.join(map(str, s['seeds']))} (gsd-wsi {result['gsd_wsi_version']}).")
+    title = (f"MoNuSeg, {describe_split(result['split'])}; {s['model']} U-Net, {s['patch_px']}-px patches, "
+             f"{s['loss']} lr {s['lr']:g}{', top skip' if s['use_top_skip'] else ''}; mean ± sample std over seeds "
+             f"{', '.join(map(str, s['seeds']))} (gsd-wsi {result['gsd_wsi_version']}).")
     lines = [title, "",
-             "| labels | start | " + " | ".join(label for _, label, _ in METRICS) + " |",
-             "|---|---|" + "---:|" * len(METRICS)]
-    for fraction in s["fractions"]:
-        for start in ("pretrained", "scratch", "difference"):
-            row = result["table"][f"{start}@{fraction:g}"]
-            name = "pretrained − scratch (paired)" if start == "difference" else start
-            cells = [f"{row[k]['mean']:+.3f} ± {row[k]['std']:.3f}" if start == "difference"
-                     else f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k, _, _ in METRICS]
-            lines.append(f"| {fraction:.0%} | {name} | " + " | ".join(cells) + " |")
+             "| target | labels | start | " + " | ".join(label for _, label, _ in METRICS) + " |",
+             "|---|---|---|" + "---:|" * len(METRICS)]
+    for target in s["targets"]:
+        for fraction in s["fractions"]:
+            for start in _row_starts(s):
+                row = result["table"][f"{target}/{start}@{fraction:g}"]
+                name = "pretrained − scratch (paired)" if start == "difference" else start
+                cells = [f"{row[k]['mean']:+.3f} ± {row[k]['std']:.3f}" if start == "difference"
+                         else f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k, _, _ in METRICS]
+                lines.append(f"| {target} | {fraction:.0%} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "Higher is better for Dice, AJI and PQ; lower for HD95.", ""]
     path.write_text("\n".join(lines))
 
@@ -224,20 +265,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = result["settings"]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2))
+    groups = [(t, f) for t in s["targets"] for f in s["fractions"]]
+    starts = [(st, c) for st, c in (("pretrained", "tab:blue"), ("scratch", "tab:grey")) if st in s["starts"]]
+    width = 0.7 / len(starts)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.4 * len(METRICS), 3.4))
     for ax, (key, label, higher) in zip(axes, METRICS):
-        for i, (start, colour) in enumerate((("pretrained", "tab:blue"), ("scratch", "tab:grey"))):
-            xs = [j + (i - 0.5) * 0.35 for j in range(len(s["fractions"]))]
-            rows = [result["table"][f"{start}@{f:g}"][key] for f in s["fractions"]]
-            ax.bar(xs, [r["mean"] for r in rows], 0.35, yerr=[r["std"] for r in rows], color=colour, capsize=3,
+        for i, (start, colour) in enumerate(starts):
+            xs = [j + (i - (len(starts) - 1) / 2) * width for j in range(len(groups))]
+            rows = [result["table"][f"{t}/{start}@{f:g}"][key] for t, f in groups]
+            ax.bar(xs, [r["mean"] for r in rows], width, yerr=[r["std"] for r in rows], color=colour, capsize=3,
                    label=start)
             for x, r in zip(xs, rows):
                 ax.scatter([x] * len(r["per_seed"]), r["per_seed"], s=8, color="black", zorder=3)
-        ax.set_xticks(range(len(s["fractions"])), [f"{f:.0%} labels" for f in s["fractions"]])
+        ax.set_xticks(range(len(groups)), [f"{t}\n{f:.0%} labels" for t, f in groups], fontsize=7)
         ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"MoNuSeg test images: diffusion-pretrained vs from scratch ({s['model']} U-Net, "
-                 f"{len(s['seeds'])} seeds, gsd-wsi {result['gsd_wsi_version']})", fontsize=9)
+    fig.suptitle(f"MoNuSeg test images ({s['model']} U-Net, {len(s['seeds'])} seeds, gsd-wsi "
+                 f"{result['gsd_wsi_version']}); dots are single seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -252,13 +296,15 @@ def main(argv: list[str] | None = None) -> None:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    tiles = tile_training_images(args, out)
-    timings["tile"] = time.perf_counter() - started
-    started = time.perf_counter()
-    pretrained = pretrain(args, out, tiles)
-    timings["pretrain"] = time.perf_counter() - started
-    runs = [FinetuneRun(start, fraction, seed) for fraction in args.fractions for seed in args.seeds
-            for start in ("pretrained", "scratch")]
+    pretrained = args.pretrained_run
+    if "pretrained" in args.starts and pretrained is None:
+        tiles = tile_training_images(args, out)
+        timings["tile"] = time.perf_counter() - started
+        started = time.perf_counter()
+        pretrained = pretrain(args, out, tiles)
+        timings["pretrain"] = time.perf_counter() - started
+    runs = [FinetuneRun(target, start, fraction, seed) for target in args.targets for fraction in args.fractions
+            for seed in args.seeds for start in args.starts]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:

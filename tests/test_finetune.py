@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -65,6 +64,43 @@ def test_from_pretrained_and_label_fraction(tmp_path: Path, pretrained_run: Path
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["pretrained"]["pretrained"].endswith("model") and saved["pretrained"]["loaded_tensors"] > 0
     assert len(saved["split"]["train"]) == 2  # round(0.34 * 6)
+
+
+def test_frozen_warm_up_and_slower_body(tmp_path: Path, pretrained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--freeze-body-epochs 1: after one epoch the body is still the pretrained one, after two it
+    has moved; body and head split the parameters; both options are refused from scratch."""
+    from gsd_wsi.stages.finetune import body_and_head
+    from gsd_wsi.train import checkpoint as ckpt
+
+    data = _toy_dataset(tmp_path / "data")
+    pretrained = ckpt.load_weights(pretrained_run / "model", ema=True)
+    one = FinetuneConfig(**FAST | {"epochs": 2, "freeze_body_epochs": 1, "model": None})
+    import gsd_wsi.stages.finetune as stage
+    weights_after_epoch: list[dict] = []
+    real_save = stage.ckpt.save_checkpoint
+
+    def spy(folder, state_dict, *args, **kwargs):
+        if Path(folder).name == "checkpoint":
+            weights_after_epoch.append({k: v.clone() for k, v in state_dict.items()})
+        return real_save(folder, state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(stage.ckpt, "save_checkpoint", spy)
+    run_finetune(data, tmp_path / "run2", one, pretrained=pretrained_run)
+    monkeypatch.undo()
+    first, second = weights_after_epoch
+    head = set(load_segmentation_network(tmp_path / "run2")[0].head_parameter_names())
+    body_names = [k for k in first if k not in head and k in pretrained and "weight" in k]
+    assert body_names and all(torch.equal(first[k], pretrained[k]) for k in body_names)  # frozen in epoch 1
+    assert not all(torch.equal(second[k], pretrained[k]) for k in body_names)            # trained in epoch 2
+    model = load_segmentation_network(tmp_path / "run2" / "last")[0]
+    body, head_params = body_and_head(model)
+    assert len(body) + len(head_params) == len(list(model.parameters())) and head_params
+    with pytest.raises(ConfigError, match="from scratch"):
+        run_finetune(data, tmp_path / "run3", FinetuneConfig(**FAST | {"body_lr_scale": 0.1}), pretrained=None)
+    with pytest.raises(ConfigError, match="--freeze-body-epochs"):
+        FinetuneConfig(epochs=3, freeze_body_epochs=3)
+    with pytest.raises(ConfigError, match="--body-lr-scale"):
+        FinetuneConfig(body_lr_scale=0)
 
 
 def test_bad_input(tmp_path: Path, pretrained_run: Path) -> None:
@@ -241,8 +277,7 @@ def test_contour_target_trains_three_classes_and_records_the_target(tmp_path: Pa
     assert info["classes"] == ["background", "nucleus", "boundary"] and model.config.out_channels == 3
     assert info["target"] == {"kind": "contour", "boundary_um": 0.5, "boundary_px": 2.0}
     assert math.isfinite(info["val_dice"])  # the nucleus Dice (interior + boundary) of the validation image
-    if importlib.util.find_spec("gsd_wsi.instances") is not None:  # tuned on the validation image
-        assert info["postprocess"]["kind"] == "contour"
+    assert info["postprocess"]["kind"] == "contour"  # tuned on the validation image
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["finetune"]
     assert saved["target"] == "contour" and saved["boundary_um"] == 0.5
     # the training labels: the mask's instance ids made into interior / boundary, the pairs kept apart
@@ -258,35 +293,31 @@ def test_semantic_models_record_their_target(tmp_path: Path) -> None:
     assert load_segmentation_network(tmp_path / "run")[1]["target"] == {"kind": "semantic"}
 
 
-def test_contour_postprocess_hook_records_the_tuned_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After training, gsd_wsi.instances.tune_postprocess sees (probabilities, instances) of each validation image."""
-    import sys
-    import types
+def test_finetune_records_postprocessing_tuned_on_validation_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After training, tune_postprocess sees (probabilities, instances) of each validation image, and
+    model.json records its settings and validation AJI; a semantic target's instances are components."""
+    import gsd_wsi.stages.finetune as finetune_stage
+    from gsd_wsi.instances import PostprocessConfig
 
     seen: list[tuple] = []
 
-    class Tuned:
-        def to_dict(self) -> dict:
-            return {"method": "watershed", "threshold": 0.5}
-
     def tune_postprocess(pairs, kind: str, mpp: float):
-        seen.extend((p.shape, t.shape, kind, mpp) for p, t in pairs)
-        return Tuned()
+        seen.extend((p.shape, t.shape, int(t.max()), kind, mpp) for p, t in pairs)
+        return PostprocessConfig(kind=kind, seed_threshold=0.3), 0.625
 
-    monkeypatch.setitem(sys.modules, "gsd_wsi.instances", types.SimpleNamespace(tune_postprocess=tune_postprocess))
+    monkeypatch.setattr(finetune_stage, "tune_postprocess", tune_postprocess)
     data = _touching_nuclei_dataset(tmp_path / "data")
     config = FinetuneConfig(**FAST | {"epochs": 1, "mpp": 0.25, "target": "contour", "boundary_um": 0.5})
     run_finetune(data, tmp_path / "run", config, pretrained=None)
-    assert load_segmentation_network(tmp_path / "run")[1]["postprocess"] == {"method": "watershed", "threshold": 0.5}
-    assert seen == [((3, 64, 64), (64, 64), "contour", 0.25)]  # one validation image: probabilities, instances
-    from gsd_wsi.stages.finetune import tuned_postprocess
-
-    model = load_segmentation_network(tmp_path / "run")[0]
-    examples = [(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.int32))]
-    monkeypatch.setitem(sys.modules, "gsd_wsi.instances", None)  # the module absent: no record, no failure
-    assert tuned_postprocess(model, examples, config, torch.device("cpu")) is None
-    semantic = FinetuneConfig(**FAST | {"mpp": 0.25})
-    assert tuned_postprocess(model, examples, semantic, torch.device("cpu")) is None  # semantic: nothing to tune
+    info = load_segmentation_network(tmp_path / "run")[1]
+    assert info["postprocess"] == PostprocessConfig(kind="contour", seed_threshold=0.3).to_dict()
+    assert info["val_aji"] == 0.625
+    assert seen == [((3, 64, 64), (64, 64), 4, "contour", 0.25)]  # one validation image: two touching pairs
+    seen.clear()
+    data = _toy_dataset(tmp_path / "toy", n=4)
+    run_finetune(data, tmp_path / "semantic", FinetuneConfig(**FAST | {"epochs": 1, "mpp": 0.25}), pretrained=None)
+    assert load_segmentation_network(tmp_path / "semantic")[1]["postprocess"]["kind"] == "semantic"
+    assert [s[3:] for s in seen] == [("semantic", 0.25)] and seen[0][0][0] == 2  # instances: the mask's components
 
 
 def test_target_refusals(tmp_path: Path) -> None:

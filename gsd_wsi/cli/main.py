@@ -189,6 +189,9 @@ def finetune(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     target: Annotated[str, typer.Option(help="semantic (the masks' classes), contour (background, interior, boundary from the instances: keeps touching nuclei apart) or distance (not available yet).")] = "semantic",
     boundary_um: Annotated[float, typer.Option(help="Width of the contour target's boundary band in micrometres [2.0: 8 px at 0.25 um/px].")] = 2.0,
+    use_top_skip: Annotated[Optional[bool], typer.Option("--use-top-skip/--no-top-skip", help="Use the first level's skip [the pretrained run's; no from scratch].")] = None,
+    body_lr_scale: Annotated[float, typer.Option(help="The pretrained body's learning rate as a fraction of --lr (the new head gets --lr) [1.0].")] = 1.0,
+    freeze_body_epochs: Annotated[int, typer.Option(help="Train the new head alone for this many epochs before the whole network [0].")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace the run in OUT.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last checkpoint (the run's settings).")] = False,
 ) -> None:
@@ -202,7 +205,8 @@ def finetune(
             init=init, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, patch_px=patch_px,  # type: ignore[arg-type]
             crops_per_image=crops_per_image, val_every=val_every, val_fraction=val_fraction, loss=loss, ss_variant=ss_variant,  # type: ignore[arg-type]
             input_range=input_range, lr=lr, mpp=mpp, train_mpp=train_mpp, stain=stain, stain_target=stain_target, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
-            device=device, target=target, boundary_um=boundary_um,  # type: ignore[arg-type]
+            device=device, target=target, boundary_um=boundary_um, use_top_skip=use_top_skip,  # type: ignore[arg-type]
+            body_lr_scale=body_lr_scale, freeze_body_epochs=freeze_body_epochs,
         )
         source = None if pretrained.lower() == "none" else Path(pretrained)
         model_dir = run_finetune(data, out, config, source, overwrite=overwrite, progress_factory=TrainProgressBars,

@@ -31,6 +31,10 @@ a GlaS instance image or a mask's instance ids, else a binary mask's connected c
 (touching objects then stay merged; logged). ``distance`` (foreground plus a regressed
 distance map) is refused until `segment` and `evaluate` can read a regression channel.
 
+With a pretrained start the new head always learns at ``lr``; ``body_lr_scale`` < 1 slows the
+pretrained body (its features are kept more), and ``freeze_body_epochs`` trains the head alone
+for that many epochs first, so that the random head's first gradients do not disturb them.
+
 ``resume`` continues an interrupted run from RUN/checkpoint/ with the run's settings (those
 of config.json; only ``device`` may differ). Every epoch draws its crops, augmentation and
 shuffle from generators seeded by (``seed``, epoch), so the resumed epochs see the data an
@@ -53,12 +57,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from gsd_wsi import __version__
 from gsd_wsi.datasets import (LabelledImage, discover, label_subset, load_example, load_instance_example,
                               read_split_file, recorded_mpp, resample_example, split_by_image)
 from gsd_wsi.errors import ConfigError, RunFolderError, StainError
 from gsd_wsi.imageops import predict_at_mpp, same_mpp
+from gsd_wsi.instances import tune_postprocess
 from gsd_wsi.metrics import semantic_scores
 from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.nn.losses import SegmentationLoss
@@ -115,6 +121,9 @@ class FinetuneConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     target: Literal["semantic", "contour", "distance"] = "semantic"
     boundary_um: float = BOUNDARY_UM                # width of the contour target's boundary band
+    use_top_skip: bool | None = None                # None: the pretrained run's; False from scratch
+    body_lr_scale: float = 1.0                      # the pretrained body's learning rate is lr x this
+    freeze_body_epochs: int = 0                     # train the new head alone for this many epochs first
 
     def __post_init__(self) -> None:
         if self.classes < 2:
@@ -150,6 +159,11 @@ class FinetuneConfig:
                               f"--classes 2 (background and the object), got {self.classes}")
         if not (math.isfinite(self.boundary_um) and self.boundary_um > 0):
             raise ConfigError(f"--boundary-um must be a positive width in micrometres; got {self.boundary_um}")
+        if not (math.isfinite(self.body_lr_scale) and 0 < self.body_lr_scale <= 1):
+            raise ConfigError(f"--body-lr-scale must be in (0, 1] (the body's learning rate as a fraction of "
+                              f"--lr); got {self.body_lr_scale}")
+        if not 0 <= self.freeze_body_epochs < self.epochs:
+            raise ConfigError(f"--freeze-body-epochs must be in [0, --epochs {self.epochs}); got {self.freeze_body_epochs}")
 
     @property
     def model_mpp(self) -> float | None:
@@ -316,22 +330,24 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, config: FinetuneCon
 
 
 def tuned_postprocess(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
-                      device: torch.device) -> dict[str, Any] | None:
-    """HOOK: model.json ``"postprocess"``, the instance post-processing tuned on the validation images.
+                      device: torch.device) -> tuple[dict[str, Any], float] | None:
+    """model.json ``"postprocess"``, the instance post-processing tuned on the validation images,
+    and their mean AJI with it; None without validation images, for a multi-class target, or
+    without the images' resolution (the areas are in um^2; a contour target always has it).
 
-    ``examples`` are the validation (image, instances) pairs; the predictions of ``model`` on them
-    and the true instances go to ``gsd_wsi.instances.tune_postprocess``. None for a semantic
-    target, without validation images, or while that module is absent.
+    ``examples`` are the validation (image, instances) pairs (binary masks for a semantic
+    target give their connected components as instances).
     """
-    if config.target != "contour" or not examples:
+    if not examples or (config.target == "semantic" and config.classes != 2) or config.mpp is None:
         return None
-    try:
-        from gsd_wsi.instances import tune_postprocess
-    except ImportError:
-        logger.info("gsd_wsi.instances.tune_postprocess is not available: model.json records no postprocess")
-        return None
-    pairs = [(predict_image(model, image, config, device), instances) for image, instances in examples]
-    return tune_postprocess(pairs, kind=config.target, mpp=config.mpp).to_dict()  # validation images at mpp
+    pairs = [(predict_image(model, image, config, device), instances_label(label, config)) for image, label in examples]
+    tuned, val_aji = tune_postprocess(pairs, kind=config.target, mpp=config.mpp)  # validation images at mpp
+    return tuned.to_dict(), val_aji
+
+
+def instances_label(label: np.ndarray, config: FinetuneConfig) -> np.ndarray:
+    """A validation label as instances: a contour target's are already; a semantic one's are its components."""
+    return label if config.target != "semantic" else ndi.label(label > 0, structure=np.ones((3, 3), bool))[0]
 
 
 def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
@@ -354,6 +370,14 @@ def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.
 
 CHECKPOINT = "checkpoint"
 RESUME_FREE = ("device",)  # settings a resumed run may change
+
+
+def body_and_head(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """The network's parameters: the body (what pretraining gives) and the head (always new)."""
+    head_names = set(model.head_parameter_names())  # type: ignore[operator]
+    body = [p for name, p in model.named_parameters() if name not in head_names]
+    head = [p for name, p in model.named_parameters() if name in head_names]
+    return body, head
 
 
 def _seed_epoch(config: FinetuneConfig, epoch: int, dataset: CropDataset) -> None:
@@ -402,10 +426,15 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
         raise RunFolderError(f"{run_dir} holds a run; continue it with --resume, choose another -o or use --overwrite")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    if pretrained is None and (config.body_lr_scale != 1.0 or config.freeze_body_epochs):
+        raise ConfigError("--body-lr-scale and --freeze-body-epochs treat pretrained weights apart from the new "
+                          "head; from scratch (--pretrained none) there are none: leave them at 1 and 0")
     if config.model is None and pretrained is not None:
         base = dataclasses.replace(pretrained_unet_config(pretrained), init=config.init)
     else:
         base = unet_config(config.model or "base", init=config.init)
+    if config.use_top_skip is not None:
+        base = dataclasses.replace(base, use_top_skip=config.use_top_skip)
     model, provenance = segmentation_unet(pretrained, config.out_classes, base, config.patch_px)
     model = model.to(device)
     splits, problems = _splits(data_dir, config)
@@ -430,7 +459,10 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                                          drop_last=len(train) * config.crops_per_image >= config.batch_size,
                                          num_workers=config.num_workers, worker_init_fn=_worker_seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+    body, head = body_and_head(model)
+    # two groups always (the body's may be scaled), so a checkpoint's optimizer state fits any run
+    optimizer = torch.optim.Adam([{"params": body, "lr": config.lr * config.body_lr_scale}, {"params": head}],
+                                 lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
     loss_fn = SegmentationLoss(config.loss, config.ss_variant)
     model_json = segmentation_model_json(model, config.names, config.patch_px, config.model_mpp,
                                          INPUT_RANGES[config.input_range], stain_record,
@@ -453,6 +485,8 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
         progress.start(total, step)
     for epoch in range(first_epoch, config.epochs):
         _seed_epoch(config, epoch, dataset)
+        for parameter in body:  # a frozen warm-up trains the new head alone
+            parameter.requires_grad_(epoch >= config.freeze_body_epochs)
         model.train()
         started, losses = time.perf_counter(), []
         for x, y in loader:
@@ -484,11 +518,13 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
                              {"epoch": epoch + 1, "step": step, "best_val_dice": float(best),
                               "optimizer": optimizer.state_dict()})
     ckpt.save_checkpoint(run_dir / "last", model.state_dict(), None, model_json | {"epoch": config.epochs, "step": step}, None)
-    if config.target == "contour" and val:  # post-processing tuned on the kept (best) model
+    if val:  # post-processing tuned on the kept (best) model
         model.load_state_dict(ckpt.load_weights(run_dir / "model", ema=False))
-    postprocess = tuned_postprocess(model, val, config, device)
-    if postprocess is not None:
-        ckpt.write_json(run_dir / "model" / ckpt.MODEL_JSON, ckpt.load_model_json(run_dir / "model") | {"postprocess": postprocess})
+    tuned = tuned_postprocess(model, val, config, device)
+    if tuned is not None:
+        postprocess, val_aji = tuned
+        ckpt.write_json(run_dir / "model" / ckpt.MODEL_JSON, ckpt.load_model_json(run_dir / "model")
+                        | {"postprocess": postprocess, "val_aji": None if math.isnan(val_aji) else val_aji})
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", "gsd-wsi finetune",
                 [("loss", f"{config.loss} loss", True), ("val_dice", "validation Dice (foreground)", False)])
     if progress:
