@@ -123,18 +123,33 @@ def _seeds(score: np.ndarray, threshold: float, min_seed_px: float) -> np.ndarra
 
 
 def _grow(seeds: np.ndarray, elevation: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """Watershed of ``seeds`` into ``foreground``; a foreground component without a seed is one instance."""
-    seeds = np.where(foreground, seeds, 0)
-    labels = watershed(elevation, seeds, mask=foreground) if seeds.any() else np.zeros(seeds.shape, np.int32)
+    """Instances of ``foreground``: each 8-connected component holding one seed (or none) is one
+    instance; a component holding several is split among them by a watershed on ``elevation``.
+
+    The watershed runs on each such component's bounding box, masked to the component, so its
+    result depends on the component alone, not on what else the image holds (scikit-image
+    breaks ties between markers of equal elevation by their place in one heap shared by the
+    whole image). `segment` labels slides in overlapping cores and relies on this: a nucleus
+    seen from two cores is labelled the same in both (gsd_wsi/instance_bands.py).
+    """
     components, n = ndi.label(foreground, structure=_EIGHT)
-    if n:
-        seeded = np.zeros(n + 1, dtype=bool)
-        seeded[components[seeds > 0]] = True
-        orphan = ~seeded[components] & foreground
-        labels = np.where(orphan, components + int(labels.max()), labels)
+    labels = components.astype(np.int32)
+    if n == 0:
+        return labels
+    seeds = np.where(foreground, seeds, 0)
+    marked = seeds > 0
+    pairs = np.unique(np.stack([components[marked], seeds[marked]]), axis=1) if marked.any() else np.zeros((2, 0), int)
+    seeds_per_component = np.bincount(pairs[0], minlength=n + 1)
+    next_id = n + 1
+    for c in np.flatnonzero(seeds_per_component > 1):
+        box = ndi.find_objects(components == c, max_label=1)[0]
+        mask = components[box] == c
+        split = watershed(elevation[box], np.where(mask, seeds[box], 0), mask=mask)
+        _, inverse = np.unique(split[mask], return_inverse=True)
+        region = labels[box]
+        region[mask] = next_id + inverse.reshape(-1)
+        next_id += int(inverse.max()) + 1
     return labels
-
-
 def _drop_small(labels: np.ndarray, min_area_px: float) -> np.ndarray:
     """Zero the instances under ``min_area_px`` pixels (ids kept)."""
     if min_area_px > 0 and labels.any():
