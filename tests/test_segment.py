@@ -368,3 +368,85 @@ def test_cuda_predictions_match_cpu(tmp_path: Path) -> None:
     cpu = load_segmentation_model(folder, device="cpu").predict(windows)
     gpu = load_segmentation_model(folder, device="cuda").predict(windows)
     assert gpu.shape == cpu.shape and np.abs(gpu - cpu).max() < 0.05
+
+
+class ContourColours(torch.nn.Module):
+    """A stand-in contour network, pointwise: dark pixels interior, mid-tone boundary, pink background."""
+
+    CENTRES = (0.47, -0.5, 0.02)  # mean of the input in [-1, 1] for background, interior, boundary
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        m = x.mean(1, keepdim=True)
+        return torch.cat([-40.0 * (m - c) ** 2 for c in self.CENTRES], 1)
+
+
+def _nuclei_image(height: int, width: int, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB image painted from the contour target of touching pairs and single discs, and its instances."""
+    from gsd_wsi.targets import contour_target
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    instances = np.zeros((height, width), np.int32)
+    k = 0
+    for cy in range(14, height - 14, 30):
+        for cx in range(14, width - 30, 40):
+            for dx in (0, 12) if rng.random() < 0.5 else (0,):
+                k += 1
+                r = rng.uniform(6.0, 9.0)
+                disc = (yy - cy - rng.uniform(-3, 3)) ** 2 + (xx - cx - dx) ** 2 < r * r
+                instances[disc & (instances == 0)] = k
+    colours = np.array([(220, 150, 190), (60, 20, 110), (140, 80, 170)], np.uint8)
+    return colours[contour_target(instances, 2)], instances
+
+
+def test_instance_model_writes_nuclei_whole_across_borders(tmp_path: Path) -> None:
+    """A contour model: instances.ome.zarr, one QuPath detection per nucleus, the count in
+    summary.json; nuclei crossing the 128-px chunk rows are neither split nor counted twice."""
+    from gsd_wsi.metrics import aji
+
+    image, truth = _nuclei_image(700, 420)
+    Image.fromarray(image).save(tmp_path / "nuclei.png")
+    info = {"target": {"kind": "contour", "boundary_um": 1.0, "boundary_px": 2.0},
+            "postprocess": {"kind": "contour", "seed_threshold": 0.5, "foreground_threshold": 0.5,
+                            "min_area_um2": 2.0}}
+    model = SegmentationModel(network=ContourColours(), folder=Path("stand-in"),  # type: ignore[arg-type]
+                              classes=["background", "nucleus", "boundary"], patch_px=64, mpp=0.5,
+                              input_range=(-1.0, 1.0), stain={"method": "none"}, digest="contour-stand-in", info=info)
+    config = SegmentConfig(overlap=0.25, batch_size=8, band_px=64, chunk_px=128, probabilities=True)
+    result = segment_slide(tmp_path / "nuclei.png", model, tmp_path / "out", config, slide_mpp=0.5)
+    assert result.status == "ok"
+    out = tmp_path / "out" / "nuclei"
+    ids = np.asarray(open_label_level(out / "instances.ome.zarr", 0)[:]).astype(np.int64)
+    assert ids.shape == truth.shape and open_label_level(out / "instances.ome.zarr", 1).dtype == np.uint32
+    assert aji(ids, truth) > 0.9
+    n_truth = int(truth.max())
+    # one id per true nucleus, and no id shared by two: matched by majority overlap
+    best = {t: np.bincount(ids[truth == t]).argmax() for t in range(1, n_truth + 1)}
+    assert all(best.values()) and len(set(best.values())) == n_truth  # no nucleus lost, none merged
+    assert int(ids.max()) == n_truth  # none split, none counted twice
+    crossing = [t for t in range(1, n_truth + 1) if any(
+        (truth[b - 1] == t).any() and (truth[b] == t).any() for b in range(128, 700, 128))]
+    assert len(crossing) >= 5
+    # whole: its id covers it on both sides of the border (a touching neighbour may take a rim pixel)
+    cover = [float((ids[truth == t] == best[t]).mean()) for t in crossing]
+    assert min(cover) > 0.85, cover
+    # the class mask is background / nucleus, the union of the instances
+    mask = np.asarray(open_label_level(out / "mask.ome.zarr", 0)[:])
+    assert np.array_equal(mask > 0, ids > 0) and mask.max() == 1
+    # GeoJSON: one QuPath detection per nucleus, with its area and haematoxylin OD
+    features = json.loads((out / "mask.geojson").read_text())["features"]
+    assert len(features) == n_truth
+    first = features[0]["properties"]
+    assert first["objectType"] == "detection" and first["classification"]["name"] == "nucleus"
+    assert set(first["measurements"]) == {"Area um^2", "Hematoxylin OD mean"}
+    areas = sorted(f["properties"]["measurements"]["Area um^2"] for f in features)
+    assert areas == pytest.approx(sorted(np.bincount(ids.ravel())[1:] * 0.25), rel=1e-6)
+    assert all(shapely.geometry.shape(f["geometry"]).is_valid for f in features)
+    ods = [f["properties"]["measurements"]["Hematoxylin OD mean"] for f in features]
+    assert 0.3 < np.median(ods) < 1.5  # dark purple nuclei
+    summary = read_summary(out)
+    nuclei = summary["nuclei"]
+    assert nuclei["count"] == n_truth and summary["model"]["target"] == "contour"
+    assert nuclei["per_mm2_tissue"] == pytest.approx(n_truth / summary["tissue_mm2"])
+    assert nuclei["larger_than_margin"] == 0 and list(summary["class_mm2"]) == ["nucleus"]
+    assert result.nuclei["count"] == n_truth and "nuclei" in result.describe()

@@ -12,15 +12,18 @@ downsample (slide level-0 pixels per mask pixel).
 - ``mask.tiff`` (:mod:`.tiff`): a tiled pyramidal palette TIFF that OpenSlide opens with
   all its levels, coloured by class in any viewer.
 - ``mask.geojson`` (:mod:`.geojson`): one polygon per connected region, in slide level-0
-  pixels minus the slide bounds, for QuPath import, with the area in um^2.
+  pixels minus the slide bounds, for QuPath import, with the area in um^2; for an instance
+  model one QuPath detection per object instead (:class:`DetectionWriter`).
+- ``instances.ome.zarr`` (:class:`InstancePyramidWriter`): an instance model's uint32 ids.
 
 :func:`render_overlay` makes the QC picture; :func:`class_colors` the default palette.
 """
 
 from __future__ import annotations
 
-from gsd_wsi.masks.geojson import write_geojson
+from gsd_wsi.masks.geojson import DetectionWriter, write_geojson
 from gsd_wsi.masks.omezarr import (
+    InstancePyramidWriter,
     LabelPyramidInfo,
     LabelPyramidWriter,
     label_levels,
@@ -35,6 +38,8 @@ from gsd_wsi.masks.palette import class_colors
 from gsd_wsi.masks.tiff import write_pyramidal_tiff
 
 __all__ = [
+    "DetectionWriter",
+    "InstancePyramidWriter",
     "LabelPyramidInfo",
     "LabelPyramidWriter",
     "class_colors",

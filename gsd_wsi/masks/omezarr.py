@@ -135,6 +135,11 @@ def mean_downsample_2x2(values: np.ndarray) -> np.ndarray:
     return ((total + 2) // 4).astype(np.uint8)
 
 
+def nearest_downsample_2x2(labels: np.ndarray) -> np.ndarray:
+    """The top-left pixel of every 2x2 block (instance ids, which neither average nor vote)."""
+    return np.ascontiguousarray(labels[0::2, 0::2])
+
+
 class LabelPyramidWriter:
     """Writes ``path`` (a new folder) as an OME-NGFF 0.4 image-label pyramid, band by band.
 
@@ -144,6 +149,9 @@ class LabelPyramidWriter:
     ``probabilities/`` image, whose bands are given alongside the labels. The caller picks
     the (temporary) folder name and renames it when ``finish`` returned.
     """
+
+    dtype = "uint8"
+    reduce = staticmethod(mode_downsample_2x2)
 
     def __init__(
         self, path: Path, width_px: int, height_px: int, mpp: float, class_names: Sequence[str],
@@ -174,7 +182,7 @@ class LabelPyramidWriter:
         self.n_probability_channels = n_channels
         self._group = zarr.open_group(self.path, mode="w-", zarr_format=2)
         self._labels = self._group.create_array(
-            "0", shape=(self.height_px, self.width_px), chunks=(self.band_px, self.band_px), dtype="uint8",
+            "0", shape=(self.height_px, self.width_px), chunks=(self.band_px, self.band_px), dtype=self.dtype,
             compressors=_COMPRESSOR, fill_value=0, chunk_key_encoding=_CHUNK_KEYS,
         )
         self._probs: zarr.Array | None = None
@@ -192,24 +200,22 @@ class LabelPyramidWriter:
         return self._next_row
 
     def write_band(self, y0: int, labels: np.ndarray, probabilities: np.ndarray | None = None) -> None:
-        """Write mask rows ``y0 .. y0+rows``: labels uint8 (rows, width), probabilities uint8
-        (C, rows, width) when the writer has probability channels."""
+        """Write mask rows ``y0 .. y0+rows``: labels (rows, width) of the writer's dtype (uint8
+        class indices), probabilities uint8 (C, rows, width) when the writer has probability channels."""
         if self._finished:
             raise MaskWriteError(f"{self.path} is finished: no more bands can be written")
         if y0 != self._next_row:
             raise ValueError(f"band starts at row {y0} but row {self._next_row} is next: bands go in order, contiguous")
         labels = np.asarray(labels)
-        if labels.dtype != np.uint8 or labels.ndim != 2 or labels.shape[1] != self.width_px or labels.shape[0] < 1:
-            raise ValueError(f"labels band must be uint8 (rows, {self.width_px}), got {labels.dtype} {labels.shape}")
+        if labels.dtype != self.dtype or labels.ndim != 2 or labels.shape[1] != self.width_px or labels.shape[0] < 1:
+            raise ValueError(f"labels band must be {self.dtype} (rows, {self.width_px}), got {labels.dtype} {labels.shape}")
         rows = labels.shape[0]
         y1 = y0 + rows
         if y1 > self.height_px:
             raise ValueError(f"band rows {y0}..{y1} pass the mask height {self.height_px}")
         if rows % self.band_px and y1 != self.height_px:
             raise ValueError(f"band of {rows} rows: only the last band may be other than a multiple of {self.band_px}")
-        top = int(labels.max())
-        if top >= len(self.class_names):
-            raise ValueError(f"labels band holds class {top} but only {len(self.class_names)} classes are named")
+        self._check_values(labels)
         if self._probs is not None:
             expected = (self.n_probability_channels, rows, self.width_px)
             if probabilities is None:
@@ -237,10 +243,10 @@ class LabelPyramidWriter:
             src = self._group[str(k - 1)]
             assert isinstance(src, zarr.Array)
             dst = self._group.create_array(
-                str(k), shape=shapes[k], chunks=(self.band_px, self.band_px), dtype="uint8",
+                str(k), shape=shapes[k], chunks=(self.band_px, self.band_px), dtype=self.dtype,
                 compressors=_COMPRESSOR, fill_value=0, chunk_key_encoding=_CHUNK_KEYS,
             )
-            self._downsample_level(src, dst, mode_downsample_2x2)
+            self._downsample_level(src, dst, self.reduce)
             if self._probs is not None:
                 probs_group = self._group[PROBABILITIES_GROUP]
                 assert isinstance(probs_group, zarr.Group)
@@ -277,21 +283,27 @@ class LabelPyramidWriter:
                 else:
                     dst[channel, y:y_end, x:x_end] = reduce(np.asarray(src[channel, rows, cols]))
 
+    def _check_values(self, labels: np.ndarray) -> None:
+        top = int(labels.max())
+        if top >= len(self.class_names):
+            raise ValueError(f"labels band holds class {top} but only {len(self.class_names)} classes are named")
+
+    def _multiscales(self, n_levels: int, axes: list[dict[str, str]]) -> dict[str, Any]:
+        return _multiscales("mask", axes, n_levels, self.mpp, "mode", [], {
+            "description": "2x2 mode; ties: foreground over background, then the lower class index",
+            "method": "gsd_wsi.masks.omezarr.mode_downsample_2x2", "version": __version__})
+
+    def _image_label(self) -> dict[str, Any]:
+        return {"version": NGFF_VERSION,
+                "colors": [{"label-value": i, "rgba": [*rgb, 0 if i == 0 else 255]}  # background transparent
+                           for i, rgb in enumerate(self.colors)],
+                "properties": [{"label-value": i, "class": name} for i, name in enumerate(self.class_names)]}
+
     def _write_attrs(self, n_levels: int) -> None:
         space = {"type": "space", "unit": "micrometer"}
         axes = [{"name": "y", **space}, {"name": "x", **space}]
-        self._group.attrs.update({
-            "multiscales": [_multiscales("mask", axes, n_levels, self.mpp, "mode", [], {
-                "description": "2x2 mode; ties: foreground over background, then the lower class index",
-                "method": "gsd_wsi.masks.omezarr.mode_downsample_2x2", "version": __version__})],
-            "image-label": {
-                "version": NGFF_VERSION,
-                "colors": [{"label-value": i, "rgba": [*rgb, 0 if i == 0 else 255]}  # background transparent
-                           for i, rgb in enumerate(self.colors)],
-                "properties": [{"label-value": i, "class": name} for i, name in enumerate(self.class_names)],
-            },
-            ATTRS_KEY: self.metadata,
-        })
+        self._group.attrs.update({"multiscales": [self._multiscales(n_levels, axes)],
+                                  "image-label": self._image_label(), ATTRS_KEY: self.metadata})
         if self._probs is not None:
             n_classes, n_channels = len(self.class_names), self.n_probability_channels
             first = 0 if n_channels == n_classes else 1  # one channel per class, or per foreground class
@@ -379,3 +391,30 @@ def open_label_level(path: Path, level: int = 0) -> zarr.Array:
     if not 0 <= level < len(datasets):
         raise ValueError(f"level {level} requested but {path} has levels 0..{len(datasets) - 1}")
     return _array(group, datasets[level]["path"])
+
+
+class InstancePyramidWriter(LabelPyramidWriter):
+    """An instance-label pyramid (``instances.ome.zarr``): uint32 ids, 0 background, 1..n one
+    object each; reduced levels keep the top-left id of every 2x2 block (ids neither average
+    nor vote). Its image-label metadata colours only the background (transparent): viewers
+    give ids their own colours. No probability channels."""
+
+    dtype = "uint32"
+    reduce = staticmethod(nearest_downsample_2x2)
+
+    def __init__(self, path: Path, width_px: int, height_px: int, mpp: float, object_name: str,
+                 band_px: int = 512, metadata: Mapping[str, Any] | None = None) -> None:
+        super().__init__(path, width_px, height_px, mpp, ["background", object_name], [(0, 0, 0), (255, 0, 255)],
+                         band_px=band_px, metadata=metadata)
+
+    def _check_values(self, labels: np.ndarray) -> None:
+        pass  # any uint32 is an id
+
+    def _multiscales(self, n_levels: int, axes: list[dict[str, str]]) -> dict[str, Any]:
+        return _multiscales("instances", axes, n_levels, self.mpp, "nearest", [], {
+            "description": "top-left id of every 2x2 block",
+            "method": "gsd_wsi.masks.omezarr.nearest_downsample_2x2", "version": __version__})
+
+    def _image_label(self) -> dict[str, Any]:
+        return {"version": NGFF_VERSION, "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],
+                "properties": [{"label-value": 0, "class": "background"}]}

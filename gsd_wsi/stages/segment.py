@@ -8,6 +8,11 @@ Per slide, into ``OUT/<slide_id>/`` (built under a temporary name, renamed when 
     overlay.png     the thumbnail with the mask coloured over it
     summary.json    areas, counts, timings, the settings, the model and the version
 
+With an instance model (``finetune --target contour``) the mask's classes are background and
+the object, ``instances.ome.zarr`` holds every nucleus's id (uint32), ``mask.geojson`` one
+QuPath detection per nucleus with its area and mean haematoxylin OD, and summary.json the
+count and density of nuclei (gsd_wsi/stages/segment_instances.py).
+
 The preprocessing comes from the model (its mpp, window, input range, stain method and
 target); the stain source is fitted once per slide. Windows cover tissue only (plus a
 margin), are read in threads ahead of the network and blended into row bands that go to
@@ -16,6 +21,7 @@ disk as they are finished, so memory depends on the slide's width, not its area.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -33,7 +39,7 @@ from gsd_wsi.atomic import atomic_write_text, replace_dir, temporary_sibling
 from gsd_wsi.errors import OutputError
 from gsd_wsi.manifest import SlideInput, collect_inputs, default_slide_id
 from gsd_wsi.masks import (
-    LabelPyramidWriter, class_colors, label_levels, open_label_level, render_overlay, write_geojson,
+    DetectionWriter, InstancePyramidWriter, LabelPyramidWriter, class_colors, label_levels, open_label_level, render_overlay, write_geojson,
     write_pyramidal_tiff,
 )
 from gsd_wsi.progress import NullProgress, Progress
@@ -41,6 +47,7 @@ from gsd_wsi.qc import save_png
 from gsd_wsi.slide import Slide, open_slide
 from gsd_wsi.stain import lut_pays_off
 from gsd_wsi.stages.batch import BatchRun, Status
+from gsd_wsi.stages.segment_instances import InstanceSink
 from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash, tissue_thumb_mpp
 from gsd_wsi.stages.segment_model import SegmentationModel, load_segmentation_model
 from gsd_wsi.stages.segment_windows import MaskFrame, WindowReader, mask_frame, plan_windows
@@ -51,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 MASK_ZARR, MASK_TIFF, MASK_GEOJSON, OVERLAY_PNG, SUMMARY_JSON = (
     "mask.ome.zarr", "mask.tiff", "mask.geojson", "overlay.png", "summary.json")
+INSTANCES_ZARR = "instances.ome.zarr"  # an instance model's (finetune --target contour) nuclei
 _OVERLAY_LONG_SIDE_PX = 1600
 _OVERLAY_MIN_SIDE_PX = 1000
 _SLIDE_CACHE_BYTES = 8 << 20
@@ -66,6 +74,7 @@ class SegmentResult:
     n_windows: int = 0
     tissue_mm2: float = 0.0
     class_mm2: dict[str, float] = field(default_factory=dict)
+    nuclei: dict[str, Any] | None = None    # an instance model's count and density (summary.json "nuclei")
 
     @classmethod
     def failed(cls, item: SlideInput, error: str) -> SegmentResult:
@@ -75,11 +84,19 @@ class SegmentResult:
         return {"slide_id": self.slide_id, "path": str(self.path), "status": self.status,
                 "tissue_mm2": f"{self.tissue_mm2:.4f}",
                 **{f"{name}_mm2": f"{area:.4f}" for name, area in self.class_mm2.items()},
+                **({"nuclei": self.nuclei["count"], "nuclei_per_mm2": _fmt(self.nuclei["per_mm2_tissue"])}
+                   if self.nuclei else {}),
                 "n_windows": self.n_windows, "seconds": f"{self.seconds:.2f}", "error": self.error}
 
     def describe(self) -> str:
         areas = ", ".join(f"{name} {area:.3g} mm^2" for name, area in self.class_mm2.items())
-        return f"{self.n_windows} windows" + (f", {areas}" if areas else "")
+        counted = (f", {self.nuclei['count']:,} nuclei ({_fmt(self.nuclei['per_mm2_tissue'])} per mm^2 of tissue)"
+                   if self.nuclei else "")
+        return f"{self.n_windows} windows" + (f", {areas}" if areas else "") + counted
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def read_summary(slide_dir: Path) -> dict[str, Any] | None:
@@ -110,14 +127,25 @@ class _BandSink:
         self._pending_y0 = 0
         self.counts = np.zeros(n_classes, np.int64)
         self.seconds = 0.0
+        self.instances: InstanceSink | None = None  # an instance model's bands go there instead
 
-    def __call__(self, y0: int, blended: np.ndarray, weight: np.ndarray) -> None:
-        started = time.perf_counter()
-        rows = blended.shape[1]
+    def outside(self, y0: int, weight: np.ndarray) -> np.ndarray:
+        """Mask pixels of rows ``y0 ..`` (as many as ``weight`` has) off tissue or reached by no window."""
+        rows = weight.shape[0]
         thumb_rows = np.minimum(((np.arange(y0, y0 + rows) + 0.5) * self._row_scale).astype(np.int64),
                                 self.tissue.shape[0] - 1)
         outside = ~self.tissue[thumb_rows[:, None], self._cols[None, :]]
         outside |= weight <= 0
+        return outside
+
+    def __call__(self, y0: int, blended: np.ndarray, weight: np.ndarray) -> None:
+        started = time.perf_counter()
+        rows = blended.shape[1]
+        if self.instances is not None:
+            self.instances(y0, blended, weight)
+            self.seconds += time.perf_counter() - started
+            return
+        outside = self.outside(y0, weight)
         labels = _argmax_uint8(blended)
         labels[outside] = 0
         self.counts += np.bincount(labels.ravel(), minlength=self.n_classes)[: self.n_classes]
@@ -193,7 +221,7 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
             if existing is not None and existing.get("settings_hash") == digest:
                 return SegmentResult(slide_id, slide_path, "skipped", n_windows=int(existing.get("n_windows", 0)),
                                      tissue_mm2=float(existing.get("tissue_mm2", 0.0)),
-                                     class_mm2=dict(existing.get("class_mm2", {})))
+                                     class_mm2=dict(existing.get("class_mm2", {})), nuclei=existing.get("nuclei"))
             what = "another model or other settings" if existing is not None else "files not made by segment"
             raise OutputError(f"{final_dir} holds {what}; use --overwrite to replace it, or another -o")
         frame = mask_frame(slide, model.mpp)
@@ -215,11 +243,13 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
         tmp_dir.mkdir(parents=True)
         try:
             reader = WindowReader(slide_path, slide.mpp, slide.backend, frame, model.patch_px, model.normaliser(),
-                                  config.workers, stain_table=lut_pays_off(len(mask_xy) * model.patch_px**2))
+                                  config.workers, stain_table=lut_pays_off(len(mask_xy) * model.patch_px**2),
+                                  haematoxylin=model.finds_instances)
             try:
                 _fit_stains(reader, mask_xy, own_tissue, config.stain_sample_windows)
                 progress.slide_started(slide_id, len(mask_xy))
-                timing = _infer(reader, model, frame, tissue, thumb_scale, mask_xy, config, tmp_dir, progress)
+                timing = _infer(reader, model, frame, tissue, thumb_scale, mask_xy, config, tmp_dir, progress,
+                                slide.bounds_l0_xy)
             finally:
                 reader.close()
             summary = _write_outputs(slide, slide_path, slide_id, model, frame, thumb, tissue, thumb_mpp_xy,
@@ -232,60 +262,92 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
     if status == "no_tissue":
         logger.warning("%s: no tissue found; wrote an empty mask", slide_id)
     return SegmentResult(slide_id, slide_path, status, time.perf_counter() - started, n_windows=len(mask_xy),
-                         tissue_mm2=summary["tissue_mm2"], class_mm2=summary["class_mm2"])
+                         tissue_mm2=summary["tissue_mm2"], class_mm2=summary["class_mm2"], nuclei=summary.get("nuclei"))
 
 
 def _infer(reader: WindowReader, model: SegmentationModel, frame: MaskFrame, tissue: np.ndarray,
            thumb_scale: tuple[float, float], mask_xy: np.ndarray, config: SegmentConfig, tmp_dir: Path,
-           progress: Progress) -> dict[str, float]:
-    """Windows through the network into the stitcher, bands to the zarr pyramid's level 0."""
-    colors = class_colors(model.n_classes)
-    writer = LabelPyramidWriter(tmp_dir / MASK_ZARR, frame.width_px, frame.height_px, frame.mpp, model.classes, colors,
+           progress: Progress, slide_bounds_l0_xy: tuple[float, float]) -> dict[str, Any]:
+    """Windows through the network into the stitcher, bands to the zarr pyramid's level 0 (an
+    instance model's also to the instance pyramid and the detections, gsd_wsi/stages/segment_instances.py)."""
+    classes = model.mask_classes
+    colors = class_colors(len(classes))
+    metadata = {"frame": frame.to_dict(), "model": str(model.folder), "model_digest": model.digest,
+                "gsd_wsi_version": __version__}
+    writer = LabelPyramidWriter(tmp_dir / MASK_ZARR, frame.width_px, frame.height_px, frame.mpp, classes, colors,
                                 band_px=config.chunk_px,
-                                n_probability_channels=model.n_classes if config.probabilities else None,
-                                metadata={"frame": frame.to_dict(), "model": str(model.folder),
-                                          "model_digest": model.digest, "gsd_wsi_version": __version__})
+                                n_probability_channels=len(classes) if config.probabilities else None, metadata=metadata)
     sink = _BandSink(writer, frame, tissue, thumb_scale, model.n_classes, config.probabilities, config.chunk_px)
-    stitcher = BandStitcher(frame.width_px, frame.height_px, model.n_classes, model.patch_px, sink,
-                            band_px=config.band_px, weights=config.weights)
-    wait_s = network_s = stitch_s = 0.0
-    t0 = time.perf_counter()
-    mark = t0
-    for xy, windows in reader.batches(mask_xy, config.batch_size):
-        now = time.perf_counter()
-        wait_s += now - mark
-        probabilities = model.predict(windows)
-        mark = time.perf_counter()
-        network_s += mark - now
-        before = sink.seconds
-        stitcher.add_batch(probabilities, xy)
-        stitch_s += time.perf_counter() - mark - (sink.seconds - before)
-        mark = time.perf_counter()
-        progress.tiles_done(len(xy))
-    stitcher.finish()
-    info = writer.finish()
+    with contextlib.ExitStack() as stack:
+        instance_writer = None
+        if model.finds_instances:
+            instance_writer = InstancePyramidWriter(tmp_dir / INSTANCES_ZARR, frame.width_px, frame.height_px,
+                                                    frame.mpp, classes[1], band_px=config.chunk_px,
+                                                    metadata=metadata | {"postprocess": model.postprocess().to_dict()})
+            detections = stack.enter_context(DetectionWriter(
+                tmp_dir / MASK_GEOJSON, classes[1], colors[1], frame.mpp, frame.downsample, slide_bounds_l0_xy,
+                config.min_area_um2))
+            sink.instances = InstanceSink(frame.width_px, frame.height_px, frame.mpp, model.n_classes,
+                                          model.postprocess(), sink.outside, writer, instance_writer, detections,
+                                          config.probabilities, config.chunk_px)
+        n_channels = model.n_classes + (1 if model.finds_instances else 0)  # + haematoxylin OD
+        stitcher = BandStitcher(frame.width_px, frame.height_px, n_channels, model.patch_px, sink,
+                                band_px=config.band_px, weights=config.weights)
+        wait_s = network_s = stitch_s = 0.0
+        t0 = time.perf_counter()
+        mark = t0
+        for xy, windows, od in reader.batches(mask_xy, config.batch_size):
+            now = time.perf_counter()
+            wait_s += now - mark
+            probabilities = model.predict(windows)
+            mark = time.perf_counter()
+            network_s += mark - now
+            before = sink.seconds
+            if od is not None:
+                probabilities = np.concatenate([probabilities, od[:, None]], axis=1)
+            stitcher.add_batch(probabilities, xy)
+            stitch_s += time.perf_counter() - mark - (sink.seconds - before)
+            mark = time.perf_counter()
+            progress.tiles_done(len(xy))
+        stitcher.finish()
+        if sink.instances is not None:
+            sink.instances.finish()
+            assert instance_writer is not None
+            instance_writer.finish()
+        info = writer.finish()
     total = time.perf_counter() - t0
-    return {"inference_s": total, "network_s": network_s, "reader_wait_s": wait_s, "stitch_s": stitch_s,
-            "band_write_s": sink.seconds, "reader_busy_s": reader.read_seconds,
-            "class_px": sink.counts.tolist(), "levels": [list(s) for s in info.level_shapes]}  # type: ignore[dict-item]
+    counts = sink.instances.counts if sink.instances is not None else sink.counts
+    timing: dict[str, Any] = {
+        "inference_s": total, "network_s": network_s, "reader_wait_s": wait_s, "stitch_s": stitch_s,
+        "band_write_s": sink.seconds, "reader_busy_s": reader.read_seconds,
+        "class_px": counts.tolist(), "levels": [list(s) for s in info.level_shapes]}
+    if sink.instances is not None:
+        timing["instances"] = sink.instances
+        timing["geojson"] = detections.summary()
+    return timing
 
 
 def _write_outputs(slide: Slide, slide_path: Path, slide_id: str, model: SegmentationModel, frame: MaskFrame,
                    thumb: np.ndarray, tissue: np.ndarray, thumb_mpp_xy: tuple[float, float], mask_xy: np.ndarray,
                    config: SegmentConfig, digest: str, tmp_dir: Path, timing: dict[str, Any],
                    started: float) -> dict[str, Any]:
-    colors = class_colors(model.n_classes)
+    classes = model.mask_classes
+    colors = class_colors(len(classes))
     zarr_path = tmp_dir / MASK_ZARR
     t0 = time.perf_counter()
     write_pyramidal_tiff(zarr_path, tmp_dir / MASK_TIFF, frame.mpp, colors, tile_px=config.tiff_tile_px)
     t1 = time.perf_counter()
-    features = write_geojson(zarr_path, tmp_dir / MASK_GEOJSON, model.classes, colors, frame.mpp, frame.downsample,
-                             slide.bounds_l0_xy, config.min_area_um2, config.geojson_chunk_px)
+    instances: InstanceSink | None = timing.pop("instances", None)
+    if instances is None:
+        features = write_geojson(zarr_path, tmp_dir / MASK_GEOJSON, classes, colors, frame.mpp, frame.downsample,
+                                 slide.bounds_l0_xy, config.min_area_um2, config.geojson_chunk_px)
+    else:  # the detections were written while the nuclei were found
+        features = timing.pop("geojson")
     t2 = time.perf_counter()
     _write_overlay(slide, thumb, zarr_path, model, colors, tmp_dir / OVERLAY_PNG, slide_id, digest)
     t3 = time.perf_counter()
     px_mm2 = (frame.mpp / 1000.0) ** 2
-    class_mm2 = {name: float(n) * px_mm2 for name, n in zip(model.classes[1:], timing.pop("class_px")[1:])}
+    class_mm2 = {name: float(n) * px_mm2 for name, n in zip(classes[1:], timing.pop("class_px")[1:])}
     tissue_mm2 = float(tissue.sum()) * thumb_mpp_xy[0] * thumb_mpp_xy[1] / 1e6
     tissue_mpx = tissue_mm2 / px_mm2 / 1e6
     seconds = time.perf_counter() - started
@@ -295,11 +357,13 @@ def _write_outputs(slide: Slide, slide_path: Path, slide_id: str, model: Segment
                                         "dimensions": list(slide.dimensions), "bounds_l0_xy": list(slide.bounds_l0_xy),
                                         "reader": slide.backend},
         "model": {"path": str(model.folder.resolve()), "digest": model.digest, "classes": model.classes,
+                  "target": model.target,
                   "mpp": model.mpp, "patch_px": model.patch_px, "input_range": list(model.input_range),
                   "stain": model.stain.get("method", "none")},
         "mask": frame.to_dict() | {"levels": timing.pop("levels")},
         "class_mm2": class_mm2, "tissue_mm2": tissue_mm2, "n_windows": len(mask_xy),
         "geojson": features,
+        **({"nuclei": instances.summary(tissue_mm2), "instances": INSTANCES_ZARR} if instances is not None else {}),
         "seconds": seconds, "windows_per_s": len(mask_xy) / inference_s if inference_s > 0 else None,
         "tissue_mpx_per_s": tissue_mpx / seconds if seconds > 0 else None,
         "timing_s": timing | {"tiff_s": t1 - t0, "geojson_s": t2 - t1, "overlay_s": t3 - t2},
@@ -328,7 +392,7 @@ def _write_overlay(slide: Slide, thumb: np.ndarray, zarr_path: Path, model: Segm
     level = max((k for k, (h, w) in enumerate(levels) if max(h, w) >= max(picture.shape[:2])), default=0)
     labels = np.asarray(open_label_level(zarr_path, level)[:])
     text = {"Software": f"gsd-wsi {__version__}", "slide_id": slide_id, "settings_hash": digest, "model": str(model.folder)}
-    save_png(path, render_overlay(picture, labels, model.classes, colors), text)
+    save_png(path, render_overlay(picture, labels, model.mask_classes, colors), text)
 
 
 def run_segment(sources: list[str | Path], out_dir: str | Path, model: str | Path | SegmentationModel,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gsd_wsi.errors import ConfigError
+from gsd_wsi.instances import PostprocessConfig
 from gsd_wsi.nn.unet import UNet
 from gsd_wsi.stain import StainNormalizer, make_normalizer, recorded_normaliser
 from gsd_wsi.train import checkpoint as ckpt
@@ -49,6 +50,26 @@ class SegmentationModel:
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def target(self) -> str:
+        """What the network learnt (model.json ``"target"``): semantic, contour or distance."""
+        return str((self.info.get("target") or {}).get("kind", "semantic"))
+
+    @property
+    def finds_instances(self) -> bool:
+        """An instance-aware target: `segment` writes instances, detections and counts."""
+        return self.target in ("contour", "distance")
+
+    @property
+    def mask_classes(self) -> list[str]:
+        """Classes of the class mask: an instance model's are background and its object."""
+        return self.classes[:2] if self.finds_instances else self.classes
+
+    def postprocess(self) -> PostprocessConfig:
+        """How probabilities become instances: the model's tuned settings, else the defaults of its target."""
+        recorded = self.info.get("postprocess")
+        return PostprocessConfig.from_dict(recorded) if recorded else PostprocessConfig(kind=self.target)  # type: ignore[arg-type]
 
     @property
     def on_gpu(self) -> bool:

@@ -27,6 +27,7 @@ from gsd_wsi.grid import MAX_UPSAMPLE, area_fractions
 from gsd_wsi.slide import MPP_SNAP_TOLERANCE, Slide, open_slide
 from gsd_wsi.stages.tile import read_tiles
 from gsd_wsi.stain import StainNormalizer
+from gsd_wsi.stain.deconvolution import haematoxylin_od
 from gsd_wsi.stitch import window_starts
 
 logger = logging.getLogger(__name__)
@@ -124,8 +125,10 @@ class WindowReader:
     """
 
     def __init__(self, path: Path, slide_mpp: float, backend: str, frame: MaskFrame, patch_px: int,
-                 normaliser: StainNormalizer, workers: int = 2, stain_table: bool = True) -> None:
+                 normaliser: StainNormalizer, workers: int = 2, stain_table: bool = True,
+                 haematoxylin: bool = False) -> None:
         self.path, self.slide_mpp, self.backend = Path(path), slide_mpp, backend
+        self.haematoxylin = haematoxylin  # batches also carry the haematoxylin OD of the raw pixels
         self.frame, self.patch_px, self.normaliser, self.workers = frame, patch_px, normaliser, workers
         self.stain_table = stain_table   # normalise through the 2**24 colour table, else the float map
         self._local = threading.local()
@@ -168,30 +171,35 @@ class WindowReader:
 
     def read(self, mask_xy: np.ndarray, normalise: bool = True) -> np.ndarray:
         """(N, patch_px, patch_px, 3) uint8 windows at ``mask_xy``, stain-normalised unless told not."""
+        return self._read(mask_xy, normalise)[0]
+
+    def _read(self, mask_xy: np.ndarray, normalise: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """The windows, and their haematoxylin OD (N, patch_px, patch_px) float32 when asked."""
         started = time.perf_counter()
         tiles = read_tiles(self._slide(), self.frame.level, self.frame.level_xy(mask_xy),
                            self.frame.read_px(self.patch_px), self.patch_px)
+        od = haematoxylin_od(tiles) if self.haematoxylin else None  # measured on the scan, not the normalised
         out = self.normaliser.transform(tiles, use_lut=self.stain_table) if normalise else tiles
         with self._opened_lock:
             self.read_seconds += time.perf_counter() - started
-        return out
+        return out, od
 
-    def batches(self, mask_xy: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(mask_xy, windows) per batch, in the order of ``mask_xy``."""
+    def batches(self, mask_xy: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """(mask_xy, windows, haematoxylin OD or None) per batch, in the order of ``mask_xy``."""
         starts = range(0, len(mask_xy), batch_size)
-        pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
+        pending: deque[tuple[np.ndarray, Future[tuple[np.ndarray, np.ndarray | None]]]] = deque()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="gsd-wsi-reader",
                                 initializer=self._lower_priority) as pool:
             try:
                 for start in starts:
                     xy = mask_xy[start: start + batch_size]
-                    pending.append((xy, pool.submit(self.read, xy)))
+                    pending.append((xy, pool.submit(self._read, xy)))
                     if len(pending) >= 2 * self.workers:
                         xy_done, future = pending.popleft()
-                        yield xy_done, future.result()
+                        yield (xy_done, *future.result())
                 while pending:
                     xy_done, future = pending.popleft()
-                    yield xy_done, future.result()
+                    yield (xy_done, *future.result())
             finally:
                 for _, future in pending:
                     future.cancel()
