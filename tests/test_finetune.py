@@ -320,6 +320,23 @@ def test_finetune_records_postprocessing_tuned_on_validation_images(tmp_path: Pa
     assert [s[3:] for s in seen] == [("semantic", 0.25)] and seen[0][0][0] == 2  # instances: the mask's components
 
 
+def test_post_processing_is_tuned_on_true_instances_only(tmp_path: Path) -> None:
+    """Binary masks merge touching nuclei: tuning uses the images with instance ids (or XML) when any has them."""
+    from gsd_wsi.datasets import discover
+    from gsd_wsi.stages.finetune import tuning_examples
+
+    data = _touching_nuclei_dataset(tmp_path / "data")
+    binary = np.asarray(Image.open(data / "masks" / "im0.png")) > 0
+    Image.fromarray(binary.astype(np.uint8)).save(data / "masks" / "im0.png")
+    items = discover(data)[0]
+    config = FinetuneConfig(**FAST | {"mpp": 0.25, "target": "contour"})
+    picked = tuning_examples(items, config, None)
+    assert len(picked) == len(items) - 1 and all(instances.max() == 4 for _, instances in picked)
+    only_binary = [item for item in items if item.name == "im0"]
+    assert len(tuning_examples(only_binary, config, None)) == 1  # none true: the components, with a warning
+    assert tuning_examples(items, FinetuneConfig(**FAST | {"classes": 3}), None) == []
+
+
 def test_target_refusals(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--target distance is not available yet"):
         FinetuneConfig(target="distance")

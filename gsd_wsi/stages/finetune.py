@@ -57,7 +57,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 
 from gsd_wsi import __version__
 from gsd_wsi.datasets import (LabelledImage, discover, label_subset, load_example, load_instance_example,
@@ -331,23 +330,39 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, config: FinetuneCon
 
 def tuned_postprocess(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
                       device: torch.device) -> tuple[dict[str, Any], float] | None:
-    """model.json ``"postprocess"``, the instance post-processing tuned on the validation images,
-    and their mean AJI with it; None without validation images, for a multi-class target, or
-    without the images' resolution (the areas are in um^2; a contour target always has it).
-
-    ``examples`` are the validation (image, instances) pairs (binary masks for a semantic
-    target give their connected components as instances).
-    """
+    """model.json ``"postprocess"``, the instance post-processing tuned on ``examples`` (validation
+    images and their true instances, :func:`tuning_examples`), and their mean AJI with it; None
+    without examples, for a multi-class target, or without the images' resolution (the areas
+    are in um^2; a contour target always has it)."""
     if not examples or (config.target == "semantic" and config.classes != 2) or config.mpp is None:
         return None
-    pairs = [(predict_image(model, image, config, device), instances_label(label, config)) for image, label in examples]
+    pairs = [(predict_image(model, image, config, device), instances) for image, instances in examples]
     tuned, val_aji = tune_postprocess(pairs, kind=config.target, mpp=config.mpp)  # validation images at mpp
     return tuned.to_dict(), val_aji
 
 
-def instances_label(label: np.ndarray, config: FinetuneConfig) -> np.ndarray:
-    """A validation label as instances: a contour target's are already; a semantic one's are its components."""
-    return label if config.target != "semantic" else ndi.label(label > 0, structure=np.ones((3, 3), bool))[0]
+def tuning_examples(items: list[LabelledImage], config: FinetuneConfig,
+                    normaliser: StainNormalizer | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, instances) of the validation images whose instances are true ones (Aperio XML, an
+    instance image or instance ids), at their own resolution, normalised as in training.
+
+    Connected components of a binary mask keep touching nuclei merged: thresholds tuned on
+    them would learn to merge too. Only when no image has true instances are they used (logged).
+    """
+    if not items or (config.target == "semantic" and config.classes != 2):
+        return []
+    loaded = [load_instance_example(item) for item in items]
+    true = [(image, instances) for image, instances, source in loaded if source != "mask connected components"]
+    if not true:
+        logger.warning("no validation image has true instances (Aperio XML, instance ids): the post-processing is "
+                       "tuned on mask components, in which touching objects are merged")
+        true = [(image, instances) for image, instances, _ in loaded]
+    elif len(true) < len(loaded):
+        logger.info("post-processing tuned on the %d of %d validation images with true instances", len(true),
+                    len(loaded))
+    if normaliser is not None:
+        true = [(normalise_image(normaliser, image), instances) for image, instances in true]
+    return true
 
 
 def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
@@ -520,11 +535,13 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     ckpt.save_checkpoint(run_dir / "last", model.state_dict(), None, model_json | {"epoch": config.epochs, "step": step}, None)
     if val:  # post-processing tuned on the kept (best) model
         model.load_state_dict(ckpt.load_weights(run_dir / "model", ema=False))
-    tuned = tuned_postprocess(model, val, config, device)
+    tuning = tuning_examples(splits["val"], config, normaliser)
+    tuned = tuned_postprocess(model, tuning, config, device)
     if tuned is not None:
         postprocess, val_aji = tuned
         ckpt.write_json(run_dir / "model" / ckpt.MODEL_JSON, ckpt.load_model_json(run_dir / "model")
-                        | {"postprocess": postprocess, "val_aji": None if math.isnan(val_aji) else val_aji})
+                        | {"postprocess": postprocess, "val_aji": None if math.isnan(val_aji) else val_aji,
+                           "val_aji_images": len(tuning)})
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", "gsd-wsi finetune",
                 [("loss", f"{config.loss} loss", True), ("val_dice", "validation Dice (foreground)", False)])
     if progress:
