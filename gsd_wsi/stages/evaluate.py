@@ -221,10 +221,11 @@ def _load(item: LabelledImage, n_classes: int, kind: str) -> tuple[np.ndarray, n
 
 
 def model_postprocess(info: dict[str, Any]) -> tuple[str, PostprocessConfig | None]:
-    """The model's target kind (model.json ``"target"``; absent = semantic) and, for an instance
-    target, its post-processing (``"postprocess"``; absent or missing keys = the defaults)."""
+    """The model's target kind (model.json ``"target"``; absent = semantic) and its post-processing
+    (``"postprocess"``; missing keys = the defaults): for an instance target always, for a
+    semantic one when finetune tuned it (else None: connected components)."""
     kind = str((info.get("target") or {}).get("kind", "semantic"))
-    if kind == "semantic":
+    if kind == "semantic" and not info.get("postprocess"):
         return kind, None
     record = dict(info.get("postprocess") or {})
     if record.setdefault("kind", kind) != kind:
@@ -350,8 +351,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
             probs = probabilities(image, config.overlap, mpp)
             pred = np.argmax(pixel_probabilities(probs, kind), axis=0)
             post_inst = None
-            if kind != "semantic" and true_inst is not None:
-                assert postprocess is not None and mpp is not None
+            if postprocess is not None and true_inst is not None and mpp is not None:
                 post_inst = instances_from_probabilities(probs, postprocess, mpp)
             row, pred_inst = score_image(pred, truth, true_inst, classes, mpp,
                                          glas=item.instance_path is not None, pred_inst=post_inst)
