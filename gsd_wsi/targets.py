@@ -70,6 +70,21 @@ def contour_target(instances: np.ndarray, boundary_px: float) -> np.ndarray:
     return target
 
 
+#: A distance label's levels: uint8 value v > 0 is an object pixel at distance (v - 1) / 254.
+DISTANCE_LEVELS = 254
+
+
+def distance_label(instances: np.ndarray) -> np.ndarray:
+    """The distance target as one uint8 map that crops and geometric augmentation carry like a
+    class mask (nearest neighbour): 0 background, ``1 + round(254 d)`` on objects, d from
+    :func:`distance_target`. Decoded by the loss (gsd_wsi/nn/losses.DistanceTargetLoss)."""
+    distance = distance_target(instances)
+    label = np.zeros(instances.shape, np.uint8)
+    own = instances > 0
+    label[own] = 1 + np.rint(distance[own] * DISTANCE_LEVELS).astype(np.uint8)
+    return label
+
+
 def distance_target(instances: np.ndarray) -> np.ndarray:
     """float32 map in [0, 1]: per instance, distance to its edge over the instance's largest (0 on background)."""
     target = np.zeros(instances.shape, np.float32)
@@ -77,6 +92,17 @@ def distance_target(instances: np.ndarray) -> np.ndarray:
         view = target[box]
         view[own] = distance[own] / distance[own].max()
     return target
+
+
+def pixel_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """The probabilities of the classes pixels are scored on: a contour model's object is interior +
+    boundary, a distance model's are its background and foreground channels; a semantic model's
+    are its classes as they are."""
+    if kind == "contour":
+        return object_probabilities(probabilities)
+    if kind == "distance":
+        return probabilities[:2]
+    return probabilities
 
 
 def object_probabilities(probabilities: np.ndarray) -> np.ndarray:

@@ -66,7 +66,7 @@ def model_run(tmp_path: Path) -> Path:
 def dark_is_nucleus(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replace the network's prediction by "dark pixels are class 1" (exact, known answers)."""
 
-    def fake(model, image, patch_px, overlap=0.5, input_range=(-1.0, 1.0), batch_size=4):  # noqa: ANN001, ANN202
+    def fake(model, image, patch_px, overlap=0.5, input_range=(-1.0, 1.0), batch_size=4, target="semantic"):  # noqa: ANN001, ANN202
         dark = (image.astype(int).sum(axis=2) < 300).astype(np.float32)
         return np.stack([1.0 - dark, dark])
 
@@ -241,9 +241,9 @@ def test_train_mpp_model_predicts_at_its_mpp_and_scores_at_the_images(dataset: P
     seen: list[tuple[int, ...]] = []
     fake = evaluate_module.predict_probabilities
 
-    def recording(model, image, *args):  # noqa: ANN001, ANN002, ANN202
+    def recording(model, image, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         seen.append(image.shape)
-        return fake(model, image, *args)
+        return fake(model, image, *args, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "predict_probabilities", recording)
     run = _save_model(tmp_path / "run", mpp=0.5, data_mpp=0.25)
@@ -314,7 +314,7 @@ def test_contour_model_scores_watershed_instances_beside_components(
     data, instances = touching_glas
     target = contour_target(instances, 2)
 
-    def fake(model, image, patch_px, overlap=0.5, input_range=(-1.0, 1.0), batch_size=4):  # noqa: ANN001, ANN202
+    def fake(model, image, patch_px, overlap=0.5, input_range=(-1.0, 1.0), batch_size=4, **kwargs):  # noqa: ANN001, ANN003, ANN202
         return np.stack([(target == c) for c in range(3)]).astype(np.float32)
 
     monkeypatch.setattr(evaluate_module, "predict_probabilities", fake)

@@ -337,9 +337,43 @@ def test_post_processing_is_tuned_on_true_instances_only(tmp_path: Path) -> None
     assert tuning_examples(items, FinetuneConfig(**FAST | {"classes": 3}), None) == []
 
 
+def test_distance_target_trains_evaluates_and_segments(tmp_path: Path) -> None:
+    """--target distance: background/object softmax plus a sigmoid distance map; evaluate and segment read it."""
+    from gsd_wsi.nn.inference import output_probabilities
+    from gsd_wsi.nn.losses import DistanceTargetLoss, SegmentationLoss
+    from gsd_wsi.stages.evaluate import EvaluateConfig, run_evaluate
+    from gsd_wsi.stages.segment_model import load_segmentation_model
+    from gsd_wsi.targets import distance_label, distance_target
+
+    data = _touching_nuclei_dataset(tmp_path / "data")
+    config = FinetuneConfig(**FAST | {"epochs": 2, "mpp": 0.25, "target": "distance"})
+    run_finetune(data, tmp_path / "run", config, pretrained=None)
+    model, info = load_segmentation_network(tmp_path / "run")
+    assert info["classes"] == ["background", "class_1", "distance"] and model.config.out_channels == 3
+    assert info["target"]["kind"] == "distance" and info["postprocess"]["kind"] == "distance"
+    # the label carries the distance at 1/254 steps; the loss decodes it
+    instances = np.asarray(Image.open(data / "masks" / "im0.png")).astype(np.int32)
+    label = distance_label(instances)
+    decoded = np.where(label > 0, (label.astype(float) - 1) / 254, 0.0)
+    assert np.abs(decoded - distance_target(instances)).max() <= 0.5 / 254 + 1e-6
+    logits = torch.randn(2, 3, 8, 8)
+    probs = output_probabilities(logits, "distance")
+    assert torch.allclose(probs[:, :2].sum(1), torch.ones(2, 8, 8)) and torch.allclose(probs[:, 2], torch.sigmoid(logits[:, 2]))
+    perfect = torch.zeros(1, 3, 8, 8)
+    perfect[:, 0], perfect[:, 1], perfect[:, 2] = 20.0, -20.0, -20.0  # confident background, distance 0
+    loss = DistanceTargetLoss(SegmentationLoss("dice+ce"))
+    assert loss(perfect, torch.zeros(1, 8, 8, dtype=torch.long)) < loss(perfect, torch.full((1, 8, 8), 200))
+    metrics = run_evaluate(data, tmp_path / "run", tmp_path / "eval", EvaluateConfig(mpp=0.25))
+    assert metrics["settings"]["target"] == "distance" and metrics["summary"]["aji"]["n"] == 4  # every image (no split file)
+    segmentation = load_segmentation_model(tmp_path / "run")
+    assert segmentation.finds_instances and segmentation.mask_classes == ["background", "class_1"]
+    out = segmentation.predict(np.zeros((1, 32, 32, 3), np.uint8))
+    assert out.shape == (1, 3, 32, 32) and np.allclose(out[:, :2].sum(1), 1.0, atol=1e-5)
+
+
 def test_target_refusals(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--target distance is not available yet"):
-        FinetuneConfig(target="distance")
+    with pytest.raises(ConfigError, match="needs --classes 2"):
+        FinetuneConfig(target="distance", classes=3)
     with pytest.raises(ConfigError, match="--target must be one of"):
         FinetuneConfig(target="watershed")
     with pytest.raises(ConfigError, match="needs --classes 2"):

@@ -187,7 +187,7 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    target: Annotated[str, typer.Option(help="semantic (the masks' classes), contour (background, interior, boundary from the instances: keeps touching nuclei apart) or distance (not available yet).")] = "semantic",
+    target: Annotated[str, typer.Option(help="semantic (the masks' classes), contour (background, interior, boundary from the instances: keeps touching nuclei apart) or distance (background/object plus a regressed distance-to-edge map whose peaks seed the split).")] = "semantic",
     boundary_um: Annotated[float, typer.Option(help="Width of the contour target's boundary band in micrometres [2.0: 8 px at 0.25 um/px].")] = 2.0,
     use_top_skip: Annotated[Optional[bool], typer.Option("--use-top-skip/--no-top-skip", help="Use the first level's skip [the pretrained run's; no from scratch].")] = None,
     body_lr_scale: Annotated[float, typer.Option(help="The pretrained body's learning rate as a fraction of --lr (the new head gets --lr) [1.0].")] = 1.0,

@@ -71,6 +71,23 @@ def structural_similarity_loss(logits: Tensor, target: Tensor, variant: SSVarian
     return (e * selected * (-y * log_p)).sum() / n_selected
 
 
+class DistanceTargetLoss(nn.Module):
+    """The ``distance`` target's loss: ``base`` on the first two channels (background, object)
+    plus the mean squared error of the third, through a sigmoid, against the distance map.
+
+    The target is a distance label (gsd_wsi/targets.distance_label): 0 background, ``1 + 254 d``
+    on objects, so that it crops and augments like a class mask."""
+
+    def __init__(self, base: SegmentationLoss, levels: int = 254) -> None:
+        super().__init__()
+        self.base, self.levels = base, levels
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        objects = (target > 0).long()
+        distance = (target - 1).clamp(min=0).float() / self.levels
+        return self.base(logits[:, :2], objects) + F.mse_loss(torch.sigmoid(logits[:, 2].float()), distance)
+
+
 class SegmentationLoss(nn.Module):
     """The fine-tuning loss by name: ``ss+focal`` (weights 1 : 1) or ``dice+ce``."""
 

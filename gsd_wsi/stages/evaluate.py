@@ -84,7 +84,7 @@ from gsd_wsi.metrics import (
 from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.qc import save_png
 from gsd_wsi.stain import normalise_image, recorded_normaliser
-from gsd_wsi.targets import object_probabilities
+from gsd_wsi.targets import pixel_probabilities
 from gsd_wsi.train.transfer import load_segmentation_network
 
 log = logging.getLogger(__name__)
@@ -234,16 +234,6 @@ def model_postprocess(info: dict[str, Any]) -> tuple[str, PostprocessConfig | No
     return kind, PostprocessConfig.from_dict(record)
 
 
-def pixel_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:
-    """The probabilities of the classes pixel scores are on: a contour model's object is interior +
-    boundary, a distance model's background and foreground channels; a semantic model's as they are."""
-    if kind == "contour":
-        return object_probabilities(probabilities)
-    if kind == "distance":
-        return probabilities[:2]
-    return probabilities
-
-
 def _patch_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[str, list[float]]:
     """Per class Dice, IoU, precision and recall of one patch; an undefined ratio (class absent
     from truth and prediction, or nothing predicted) scores 1, as sklearn's zero_division=1."""
@@ -319,7 +309,8 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     def probabilities(image: np.ndarray, overlap: float, image_mpp: float | None) -> np.ndarray:
         """(C, H, W) probabilities at the image's size, predicted at the model's mpp."""
         return predict_at_mpp(lambda rgb: predict_probabilities(model, rgb, patch_px, overlap, input_range,
-                                                                config.batch_size), image, image_mpp, model_mpp)
+                                                                config.batch_size, target=kind),
+                              image, image_mpp, model_mpp)
 
     def predict(image: np.ndarray, overlap: float, image_mpp: float | None) -> np.ndarray:
         """Class indices of ``classes`` at the image's size."""

@@ -28,8 +28,10 @@ the masks' classes; ``contour`` learns three classes from the images' *instances
 so that touching nuclei stay apart; classes ``[background, <object>, "boundary"]``. Its
 validation Dice is that of the object (interior + boundary). Instances come from Aperio XML,
 a GlaS instance image or a mask's instance ids, else a binary mask's connected components
-(touching objects then stay merged; logged). ``distance`` (foreground plus a regressed
-distance map) is refused until `segment` and `evaluate` can read a regression channel.
+(touching objects then stay merged; logged). ``distance`` learns background and object
+(softmax) plus a regressed map of each pixel's distance to its instance's edge, normalised per
+instance to [0, 1] (sigmoid; gsd_wsi/targets.py), whose maxima seed the watershed; outputs
+``[background, <object>, "distance"]``.
 
 With a pretrained start the new head always learns at ``lr``; ``body_lr_scale`` < 1 slows the
 pretrained body (its features are kept more), and ``freeze_body_epochs`` trains the head alone
@@ -66,11 +68,11 @@ from gsd_wsi.imageops import predict_at_mpp, same_mpp
 from gsd_wsi.instances import tune_postprocess
 from gsd_wsi.metrics import semantic_scores
 from gsd_wsi.nn.inference import predict_probabilities
-from gsd_wsi.nn.losses import SegmentationLoss
+from gsd_wsi.nn.losses import DistanceTargetLoss, SegmentationLoss
 from gsd_wsi.nn.unet import unet_config
 from gsd_wsi.slide.image_backend import read_plain_image
 from gsd_wsi.stain import StainNormalizer, check_stain_options, make_normalizer, normalise_image
-from gsd_wsi.targets import boundary_px_at, contour_target, object_probabilities
+from gsd_wsi.targets import DISTANCE_LEVELS, boundary_px_at, contour_target, distance_label, pixel_probabilities
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.augment import training_augmentation
 from gsd_wsi.train.ddp import resolve_device
@@ -150,11 +152,8 @@ class FinetuneConfig:
             raise ConfigError(f"--input-range must be one of {', '.join(INPUT_RANGES)}; got {self.input_range!r}")
         if self.target not in TARGETS:
             raise ConfigError(f"--target must be one of {', '.join(TARGETS)}; got {self.target!r}")
-        if self.target == "distance":
-            raise ConfigError("--target distance is not available yet: segment and evaluate would softmax its "
-                              "regression channel; use --target contour (or semantic)")
-        if self.target == "contour" and self.classes != 2:
-            raise ConfigError(f"--target contour splits one object class into interior and boundary; it needs "
+        if self.target != "semantic" and self.classes != 2:
+            raise ConfigError(f"--target {self.target} learns the instances of one object class; it needs "
                               f"--classes 2 (background and the object), got {self.classes}")
         if not (math.isfinite(self.boundary_um) and self.boundary_um > 0):
             raise ConfigError(f"--boundary-um must be a positive width in micrometres; got {self.boundary_um}")
@@ -171,14 +170,15 @@ class FinetuneConfig:
 
     @property
     def out_classes(self) -> int:
-        """The network's classes: ``classes``, or 3 for the contour target (the object split in two)."""
-        return 3 if self.target == "contour" else self.classes
+        """The network's outputs: ``classes``, or 3 for an instance target (contour: the object split
+        in interior and boundary; distance: background, object and the distance map)."""
+        return self.classes if self.target == "semantic" else 3
 
     @property
     def names(self) -> list[str]:
-        """The network's class names: for contour the data's two, then ``boundary``."""
+        """The network's output names: the data's classes, then ``boundary`` (contour) or ``distance``."""
         names = list(self.class_names) if self.class_names else ["background", *(f"class_{i}" for i in range(1, self.classes))]
-        return [*names, "boundary"] if self.target == "contour" else names
+        return names if self.target == "semantic" else [*names, "boundary" if self.target == "contour" else "distance"]
 
     @property
     def boundary_px(self) -> float:
@@ -193,6 +193,8 @@ class FinetuneConfig:
         """model.json ``"target"``."""
         if self.target == "semantic":
             return {"kind": "semantic"}
+        if self.target == "distance":
+            return {"kind": "distance", "distance": "per instance, to its edge over its largest, in [0, 1]"}
         return {"kind": self.target, "boundary_um": self.boundary_um, "boundary_px": self.boundary_px}
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,7 +325,7 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, config: FinetuneCon
 
     def predict(window: np.ndarray) -> np.ndarray:
         return predict_probabilities(model, window, config.patch_px, 0.5, INPUT_RANGES[config.input_range],
-                                     config.batch_size, device)
+                                     config.batch_size, device, target=config.target)
 
     return predict_at_mpp(predict, image, config.mpp, config.model_mpp)
 
@@ -370,14 +372,14 @@ def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.
     """Mean over images of the foreground-mean Dice of whole-image sliding-window predictions.
 
     The images are at ``config.mpp``; each is predicted at ``config.model_mpp`` and scored at
-    its own resolution, as `evaluate` does. For the contour target the labels are instance maps
-    and the Dice is that of the object (interior + boundary against the instances' union).
+    its own resolution, as `evaluate` does. For an instance target the labels are instance maps
+    and the Dice is that of the object (contour: interior + boundary) against the instances' union.
     """
     scores = []
     for image, label in examples:
         probabilities = predict_image(model, image, config, device)
-        if config.target == "contour":
-            probabilities, label = object_probabilities(probabilities), (label > 0).astype(np.int64)
+        if config.target != "semantic":
+            probabilities, label = pixel_probabilities(probabilities, config.target), (label > 0).astype(np.int64)
         scores.append(semantic_scores(probabilities.argmax(0), label, config.classes)["foreground_mean"]["dice"])
     defined = [score for score in scores if not math.isnan(score)]  # NaN: no foreground in image or prediction
     return float(np.mean(defined)) if defined else math.nan
@@ -460,6 +462,8 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     train, val = _load(splits["train"], config, normaliser, config.train_mpp), _load(splits["val"], config, normaliser)
     if config.target == "contour":  # the band is drawn at the training resolution; validation keeps instances
         train = [(image, contour_target(instances, config.boundary_px)) for image, instances in train]
+    elif config.target == "distance":  # the distance is per instance, so it is drawn before cropping
+        train = [(image, distance_label(instances)) for image, instances in train]
     # what `evaluate` and `segment` reproduce: the method, its settings and target, no source
     stain_record = {"method": "none"} if normaliser is None else {**normaliser.params, "source": None}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -478,7 +482,9 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     # two groups always (the body's may be scaled), so a checkpoint's optimizer state fits any run
     optimizer = torch.optim.Adam([{"params": body, "lr": config.lr * config.body_lr_scale}, {"params": head}],
                                  lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-    loss_fn = SegmentationLoss(config.loss, config.ss_variant)
+    loss_fn: torch.nn.Module = SegmentationLoss(config.loss, config.ss_variant)
+    if config.target == "distance":
+        loss_fn = DistanceTargetLoss(loss_fn, DISTANCE_LEVELS)
     model_json = segmentation_model_json(model, config.names, config.patch_px, config.model_mpp,
                                          INPUT_RANGES[config.input_range], stain_record,
                                          {"finetune": config.to_dict(), "pretrained": provenance,

@@ -1,4 +1,4 @@
-"""`gsd-wsi segment` with an instance model (``finetune --target contour``): nuclei, not just a mask.
+"""`gsd-wsi segment` with an instance model (``finetune --target contour|distance``): nuclei, not just a mask.
 
 The stitched bands carry the network's probabilities and one more channel, the haematoxylin
 optical density of the scan's own pixels (gsd_wsi/stain/deconvolution.py). They go to a
@@ -24,7 +24,7 @@ import numpy as np
 
 from gsd_wsi.instance_bands import BandInstanceLabeller, Instance
 from gsd_wsi.masks import DetectionWriter, InstancePyramidWriter, LabelPyramidWriter
-from gsd_wsi.targets import object_probabilities
+from gsd_wsi.targets import pixel_probabilities
 
 #: Context around every labelling core: above the largest nucleus (tumour nuclei reach ~25 um).
 MARGIN_UM = 32.0
@@ -39,6 +39,7 @@ class InstanceSink:
                  instance_writer: InstancePyramidWriter, detections: DetectionWriter, probabilities: bool,
                  chunk_px: int) -> None:
         self.n_classes, self.mpp, self.outside = n_classes, mpp, outside
+        self.kind = postprocess.kind
         self.mask_writer, self.instance_writer, self.detections = mask_writer, instance_writer, detections
         self.probabilities = probabilities
         self.margin_px = min(chunk_px, max(1, math.ceil(MARGIN_UM / mpp)))
@@ -65,7 +66,7 @@ class InstanceSink:
         self.counts += np.bincount(labels.ravel(), minlength=2)[:2]
         probs = None
         if self.probabilities:
-            objects = object_probabilities(probabilities_u8.astype(np.uint16)) if self.n_classes == 3 else probabilities_u8
+            objects = pixel_probabilities(probabilities_u8.astype(np.uint16), self.kind)
             probs = np.minimum(objects, 255).astype(np.uint8)
         self.mask_writer.write_band(y0, labels, probs)
         self.instance_writer.write_band(y0, ids)

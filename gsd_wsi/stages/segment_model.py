@@ -23,6 +23,7 @@ import torch
 
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.instances import PostprocessConfig
+from gsd_wsi.nn.inference import output_probabilities
 from gsd_wsi.nn.unet import UNet
 from gsd_wsi.stain import StainNormalizer, make_normalizer, recorded_normaliser
 from gsd_wsi.train import checkpoint as ckpt
@@ -107,11 +108,12 @@ class SegmentationModel:
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        """The network alone on a prepared input batch (as :meth:`to_input` makes): probabilities."""
+        """The network alone on a prepared input batch (as :meth:`to_input` makes): probabilities
+        (a distance model's third channel is its distance map, gsd_wsi/nn/inference.output_probabilities)."""
         t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
             logits = self.network(x, t)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return output_probabilities(logits, self.target).cpu().numpy()
 
 
 def model_digest(folder: Path) -> str:
