@@ -58,7 +58,7 @@ METRICS = (("dice", "Dice", True), ("aji", "AJI", True), ("pq", "PQ", True), ("h
 
 @dataclass(frozen=True)
 class FinetuneRun:
-    target: str         # "semantic" or "contour"
+    target: str         # "semantic", "contour" or "distance"
     start: str          # "pretrained" or "scratch"
     fraction: float
     seed: int
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=5, help="Fine-tuning epochs between validations.")
     p.add_argument("--crops", type=int, default=8, help="Crops per image per epoch at 100 %% labels.")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--targets", nargs="+", default=["semantic", "contour"], choices=["semantic", "contour"])
+    p.add_argument("--targets", nargs="+", default=["semantic", "contour"], choices=["semantic", "contour", "distance"])
     p.add_argument("--starts", nargs="+", default=["pretrained", "scratch"], choices=["pretrained", "scratch"])
     p.add_argument("--loss", default="dice+ce", help="Fine-tuning loss: dice+ce or ss+focal (the method's).")
     p.add_argument("--lr", type=float, default=1e-3, help="Fine-tuning learning rate (of the head, with --body-lr-scale).")
