@@ -418,6 +418,12 @@ def test_instance_model_writes_nuclei_whole_across_borders(tmp_path: Path) -> No
     out = tmp_path / "out" / "nuclei"
     ids = np.asarray(open_label_level(out / "instances.ome.zarr", 0)[:]).astype(np.int64)
     assert ids.shape == truth.shape and open_label_level(out / "instances.ome.zarr", 1).dtype == np.uint32
+    from ome_zarr.format import FormatV04
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    node = list(Reader(parse_url(str(out / "instances.ome.zarr"), fmt=FormatV04()))())[0]
+    assert any(isinstance(spec, Label) for spec in node.specs) and node.data[0].dtype == np.uint32
     assert aji(ids, truth) > 0.9
     n_truth = int(truth.max())
     # one id per true nucleus, and no id shared by two: matched by majority overlap
@@ -442,6 +448,7 @@ def test_instance_model_writes_nuclei_whole_across_borders(tmp_path: Path) -> No
     areas = sorted(f["properties"]["measurements"]["Area um^2"] for f in features)
     assert areas == pytest.approx(sorted(np.bincount(ids.ravel())[1:] * 0.25), rel=1e-6)
     assert all(shapely.geometry.shape(f["geometry"]).is_valid for f in features)
+    assert all(shapely.geometry.shape(f["geometry"]).exterior.is_ccw for f in features)  # RFC 7946 rings
     ods = [f["properties"]["measurements"]["Hematoxylin OD mean"] for f in features]
     assert 0.3 < np.median(ods) < 1.5  # dark purple nuclei
     summary = read_summary(out)
