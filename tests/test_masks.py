@@ -391,3 +391,38 @@ def test_overlay_colours_classes() -> None:
     assert (picture[:40, :40] == 255).any()  # the legend box
     plain = render_overlay(thumb, labels, NAMES, COLOURS, alpha=0.5, outline=False)
     np.testing.assert_array_equal(plain[120, 150], expected)
+
+
+def test_qupath_problems_finds_what_qupath_refuses(tmp_path: Path) -> None:
+    from gsd_wsi.masks import DetectionWriter, qupath_problems
+
+    good = tmp_path / "good.geojson"
+    mask = np.zeros((6, 6), bool)
+    mask[1:5, 1:4] = True
+    mask[2, 2] = False  # a hole
+    with DetectionWriter(good, "nucleus", (255, 0, 255), 0.5, 2.0) as detections:
+        detections.add(mask, 10, 20, {"Hematoxylin OD mean": 0.5})
+    assert qupath_problems(good) == []
+    feature = json.loads(good.read_text())["features"][0]
+    assert feature["properties"]["objectType"] == "detection"
+    assert feature["properties"]["measurements"] == {"Area um^2": 11 * 0.25, "Hematoxylin OD mean": 0.5}
+
+    def problems(**changes: object) -> list[str]:
+        bad = json.loads(json.dumps(feature))
+        for key, value in changes.items():
+            target = bad if key == "geometry" else bad["properties"]
+            target[key] = value
+        path = tmp_path / "bad.geojson"
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": [bad]}))
+        return qupath_problems(path)
+
+    clockwise = {"type": "Polygon", "coordinates": [[[0, 0], [0, 1], [1, 1], [1, 0], [0, 0]]]}
+    bowtie = {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}
+    assert "RFC 7946" in problems(geometry=clockwise)[0]
+    assert "invalid geometry" in problems(geometry=bowtie)[0]
+    assert "Point" in problems(geometry={"type": "Point", "coordinates": [0, 0]})[0]
+    assert "objectType" in problems(objectType="cell")[0]
+    assert "classification" in problems(classification={"name": "nucleus"})[0]
+    assert "measurements" in problems(measurements={"Area um^2": "big"})[0]
+    (tmp_path / "no.geojson").write_text("{")
+    assert "not readable JSON" in qupath_problems(tmp_path / "no.geojson")[0]

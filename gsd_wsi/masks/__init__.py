@@ -21,7 +21,7 @@ downsample (slide level-0 pixels per mask pixel).
 
 from __future__ import annotations
 
-from gsd_wsi.masks.geojson import DetectionWriter, write_geojson
+from gsd_wsi.masks.geojson import DetectionWriter, qupath_problems, write_geojson
 from gsd_wsi.masks.omezarr import (
     InstancePyramidWriter,
     LabelPyramidInfo,
@@ -48,6 +48,7 @@ __all__ = [
     "mode_downsample_2x2",
     "open_label_level",
     "pyramid_shapes",
+    "qupath_problems",
     "read_pyramid_info",
     "render_overlay",
     "write_geojson",

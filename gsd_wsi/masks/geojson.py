@@ -271,3 +271,53 @@ class DetectionWriter:
     def summary(self) -> dict[str, dict[str, float]]:
         """``{class: {"features": n, "area_um2": a, "dropped": k}}``, as :func:`write_geojson` returns."""
         return self._sink.summary()
+
+
+def qupath_problems(path: Path, limit: int = 20) -> list[str]:
+    """What in the GeoJSON at ``path`` QuPath (0.6) would refuse or misread; empty when none.
+
+    The rules checked (the reasons are in the module docstring): a FeatureCollection of
+    Features; Polygon or MultiPolygon geometries that are valid, with counter-clockwise
+    exterior and clockwise interior rings (RFC 7946); ``properties.objectType`` ``annotation``
+    or ``detection``; ``classification`` with a ``name`` and an RGB ``color``; ``measurements``
+    a map of names to finite numbers. At most ``limit`` problems are listed.
+    """
+    problems: list[str] = []
+    try:
+        collection = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{path}: not readable JSON ({exc})"]
+    if not isinstance(collection, dict) or collection.get("type") != "FeatureCollection":
+        return [f"{path}: not a FeatureCollection"]
+    for index, feature in enumerate(collection.get("features", [])):
+        if len(problems) >= limit:
+            break
+        where = f"feature {index}"
+        if not isinstance(feature, dict) or feature.get("type") != "Feature":
+            problems.append(f"{where}: not a Feature")
+            continue
+        try:
+            geometry = to_shapely(feature.get("geometry"))
+        except (AttributeError, TypeError, ValueError, shapely.errors.GEOSException) as exc:
+            problems.append(f"{where}: unreadable geometry ({exc})")
+            continue
+        if geometry.geom_type not in ("Polygon", "MultiPolygon"):
+            problems.append(f"{where}: {geometry.geom_type}, not a Polygon or MultiPolygon")
+        elif not geometry.is_valid:
+            problems.append(f"{where}: invalid geometry ({shapely.is_valid_reason(geometry)})")
+        elif any(not p.exterior.is_ccw or any(ring.is_ccw for ring in p.interiors) for p in shapely.get_parts(geometry)):
+            problems.append(f"{where}: rings not in RFC 7946 order (exterior counter-clockwise, holes clockwise)")
+        properties = feature.get("properties") or {}
+        if properties.get("objectType") not in ("annotation", "detection"):
+            problems.append(f"{where}: objectType {properties.get('objectType')!r}, not annotation or detection")
+        classification = properties.get("classification")
+        colour = classification.get("color") if isinstance(classification, dict) else None
+        if not (isinstance(classification, dict) and isinstance(classification.get("name"), str)
+                and isinstance(colour, list) and len(colour) == 3
+                and all(isinstance(c, int) and 0 <= c <= 255 for c in colour)):
+            problems.append(f"{where}: classification needs a name and an RGB color, got {classification!r}")
+        measurements = properties.get("measurements", {})
+        if not (isinstance(measurements, dict) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in measurements.values())):
+            problems.append(f"{where}: measurements must map names to finite numbers, got {measurements!r}")
+    return problems
