@@ -426,3 +426,18 @@ def test_qupath_problems_finds_what_qupath_refuses(tmp_path: Path) -> None:
     assert "measurements" in problems(measurements={"Area um^2": "big"})[0]
     (tmp_path / "no.geojson").write_text("{")
     assert "not readable JSON" in qupath_problems(tmp_path / "no.geojson")[0]
+
+
+def test_overlay_outlines_every_instance() -> None:
+    """Two touching nuclei are one region of the class mask; with their ids the line between them is drawn."""
+    from gsd_wsi.masks import render_overlay
+
+    labels = np.zeros((40, 40), np.uint8)
+    labels[10:30, 5:35] = 1
+    ids = np.zeros((40, 40), np.uint32)
+    ids[10:30, 5:20], ids[10:30, 20:35] = 1, 2
+    thumb = np.full((40, 40, 3), 200, np.uint8)
+    plain = render_overlay(thumb, labels, ["background", "nucleus"], [(0, 0, 0), (255, 0, 255)])
+    split = render_overlay(thumb, labels, ["background", "nucleus"], [(0, 0, 0), (255, 0, 255)], instances=ids)
+    assert (plain[15:25, 19:21] != [255, 0, 255]).any(axis=-1).all()  # no line inside the region
+    assert (split[15:25, 19:21] == [255, 0, 255]).all()              # the line between the two

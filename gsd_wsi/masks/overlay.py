@@ -24,10 +24,13 @@ MIN_LEGEND_PX = 48  # pictures smaller than this get no legend
 
 def render_overlay(
     thumbnail_rgb: np.ndarray, labels: np.ndarray, class_names: Sequence[str], colors: Sequence[Sequence[int]],
-    alpha: float = 0.45, outline: bool = True,
+    alpha: float = 0.45, outline: bool = True, instances: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return an HxWx3 uint8 picture of the thumbnail (HxWx3 or HxWx4 uint8) with ``labels``
-    (uint8 class indices, any size: resized nearest to the thumbnail) coloured over it."""
+    (uint8 class indices, any size: resized nearest to the thumbnail) coloured over it.
+
+    With ``instances`` (object ids of the same size as ``labels``) the outlines are drawn
+    around every object, so touching nuclei are seen apart."""
     rgb = np.asarray(thumbnail_rgb)
     if rgb.ndim == 3 and rgb.shape[2] == 4:
         rgb = rgb[..., :3]
@@ -54,6 +57,11 @@ def render_overlay(
     picture[foreground] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
     if outline:
         border = _borders(labels)
+        if instances is not None:
+            ids = np.asarray(instances).astype(np.int32)
+            if ids.shape != (height, width):
+                ids = np.asarray(Image.fromarray(ids).resize((width, height), Image.Resampling.NEAREST))
+            border = _borders(ids) & foreground
         picture[border] = lut[labels[border]].astype(np.uint8)
     shares = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
     _legend(picture, [(names[i], colours[i], float(shares[i])) for i in range(1, len(names))])

@@ -391,8 +391,10 @@ def _write_overlay(slide: Slide, thumb: np.ndarray, zarr_path: Path, model: Segm
     levels = label_levels(zarr_path)
     level = max((k for k, (h, w) in enumerate(levels) if max(h, w) >= max(picture.shape[:2])), default=0)
     labels = np.asarray(open_label_level(zarr_path, level)[:])
+    instances_path = zarr_path.parent / INSTANCES_ZARR  # an instance model's: every nucleus outlined
+    instances = np.asarray(open_label_level(instances_path, level)[:]) if instances_path.exists() else None
     text = {"Software": f"gsd-wsi {__version__}", "slide_id": slide_id, "settings_hash": digest, "model": str(model.folder)}
-    save_png(path, render_overlay(picture, labels, model.mask_classes, colors), text)
+    save_png(path, render_overlay(picture, labels, model.mask_classes, colors, instances=instances), text)
 
 
 def run_segment(sources: list[str | Path], out_dir: str | Path, model: str | Path | SegmentationModel,
