@@ -14,7 +14,8 @@ Leaf module (numpy, scipy, scikit-image; no torch). The target a model learnt
 For every kind, holes of the foreground smaller than ``max_hole_um2`` are filled first, a
 foreground component that holds no seed becomes one instance of its own, and instances smaller
 than ``min_area_um2`` are removed last. Areas are in square micrometres, converted once at the
-images' ``mpp``. :func:`tune_postprocess` chooses the thresholds on validation images.
+images' ``mpp``. :func:`tune_postprocess` chooses the thresholds on validation images, for the
+best mean of AJI and PQ.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import relabel_sequential, watershed
 
 from gsd_wsi.errors import ConfigError
-from gsd_wsi.metrics import aji
+from gsd_wsi.metrics import aji, panoptic_quality
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,12 @@ def instances_from_probabilities(probabilities: np.ndarray, config: PostprocessC
 
 
 def tune_postprocess(examples: Sequence[tuple[np.ndarray, np.ndarray]], kind: str,
-                     mpp: float) -> tuple[PostprocessConfig, float]:
+                     mpp: float) -> tuple[PostprocessConfig, dict[str, float]]:
     """The post-processing of the grid (SEED_GRID x FOREGROUND_GRID x MIN_AREA_GRID_UM2) of best
-    mean AJI, and that mean AJI (NaN when no image defines one).
+    mean (AJI + PQ) / 2, and its mean ``{"aji", "pq"}`` over the images (NaN when none defines them).
+
+    Both metrics are scored because each misses what the other sees: AJI weighs errors by area,
+    so specks cost it almost nothing, while PQ counts every false nucleus once.
 
     ``examples`` are ``(probabilities (C, H, W), true instances (H, W))`` pairs at ``mpp`` um/px,
     and must be VALIDATION images only: thresholds tuned on the test images would flatter the
@@ -205,7 +209,7 @@ def tune_postprocess(examples: Sequence[tuple[np.ndarray, np.ndarray]], kind: st
     base = PostprocessConfig(kind=kind)  # type: ignore[arg-type]
     seeds_grid = SEED_GRID if kind != "semantic" else (base.seed_threshold,)
     settings = list(product(seeds_grid, FOREGROUND_GRID, MIN_AREA_GRID_UM2))
-    scores = np.full((len(examples), len(settings)), np.nan)
+    scores = np.full((len(examples), len(settings), 2), np.nan)  # (AJI, PQ) per image and setting
     for i, (probabilities, truth) in enumerate(examples):
         probabilities = _check(probabilities, kind, mpp)
         foregrounds = {t: _foreground(probabilities, t, _px(base.max_hole_um2, mpp)) for t in FOREGROUND_GRID}
@@ -217,15 +221,18 @@ def tune_postprocess(examples: Sequence[tuple[np.ndarray, np.ndarray]], kind: st
             if (seed_t, fg_t) not in grown:
                 grown[seed_t, fg_t] = (ndi.label(foregrounds[fg_t], structure=_EIGHT)[0] if kind == "semantic"
                                        else _grow(seeds[seed_t], elevation, foregrounds[fg_t]))
-            scores[i, j] = aji(_drop_small(grown[seed_t, fg_t], _px(min_area, mpp)), truth)
-    defined = ~np.isnan(scores)
+            labels = _drop_small(grown[seed_t, fg_t], _px(min_area, mpp))
+            scores[i, j] = aji(labels, truth), panoptic_quality(labels, truth)["pq"]
+    defined = ~np.isnan(scores).any(axis=2)
     if not defined.any():
         log.info("no validation image with objects: the default post-processing is kept")
-        return base, math.nan
-    # NaNs are the same images in every column (no objects on either side), so the means compare
-    mean = np.where(defined, scores, 0.0).sum(axis=0) / defined.sum(axis=0).clip(min=1)
-    best = int(np.argmax(mean))
+        return base, {"aji": math.nan, "pq": math.nan}
+    # undefined scores are the same images in every column (no objects on either side), so the means compare
+    mean = np.where(defined[..., None], scores, 0.0).sum(axis=0) / defined.sum(axis=0).clip(min=1)[:, None]
+    best = int(np.argmax(mean.mean(axis=1)))
     seed_t, fg_t, min_area = settings[best]
     tuned = replace(base, seed_threshold=seed_t, foreground_threshold=fg_t, min_area_um2=min_area)
-    log.info("post-processing tuned on %d validation image(s): %s, mean AJI %.4f", len(examples), tuned, mean[best])
-    return tuned, float(mean[best])
+    found = {"aji": float(mean[best, 0]), "pq": float(mean[best, 1])}
+    log.info("post-processing tuned on %d validation image(s): %s, mean AJI %.4f, PQ %.4f", len(examples), tuned,
+             found["aji"], found["pq"])
+    return tuned, found

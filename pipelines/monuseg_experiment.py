@@ -188,7 +188,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def _validation(run_dir: Path) -> dict[str, float | None]:
     """The kept model's validation scores (what settings are chosen on, never the test images)."""
     info = json.loads((run_dir / "model" / "model.json").read_text())
-    return {"val_dice": info.get("val_dice"), "val_aji": info.get("val_aji")}
+    return {"val_dice": info.get("val_dice"), "val_aji": info.get("val_aji"), "val_pq": info.get("val_pq")}
 
 
 def summarise(args: argparse.Namespace, out: Path, runs: list[FinetuneRun], timings: dict[str, float]) -> dict[str, Any]:

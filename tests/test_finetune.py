@@ -303,7 +303,7 @@ def test_finetune_records_postprocessing_tuned_on_validation_images(tmp_path: Pa
 
     def tune_postprocess(pairs, kind: str, mpp: float):
         seen.extend((p.shape, t.shape, int(t.max()), kind, mpp) for p, t in pairs)
-        return PostprocessConfig(kind=kind, seed_threshold=0.3), 0.625
+        return PostprocessConfig(kind=kind, seed_threshold=0.3), {"aji": 0.625, "pq": 0.5}
 
     monkeypatch.setattr(finetune_stage, "tune_postprocess", tune_postprocess)
     data = _touching_nuclei_dataset(tmp_path / "data")
@@ -311,7 +311,7 @@ def test_finetune_records_postprocessing_tuned_on_validation_images(tmp_path: Pa
     run_finetune(data, tmp_path / "run", config, pretrained=None)
     info = load_segmentation_network(tmp_path / "run")[1]
     assert info["postprocess"] == PostprocessConfig(kind="contour", seed_threshold=0.3).to_dict()
-    assert info["val_aji"] == 0.625
+    assert info["val_aji"] == 0.625 and info["val_pq"] == 0.5 and info["val_instance_images"] == 1
     assert seen == [((3, 64, 64), (64, 64), 4, "contour", 0.25)]  # one validation image: two touching pairs
     seen.clear()
     data = _toy_dataset(tmp_path / "toy", n=4)

@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.instances import PostprocessConfig, instances_from_probabilities, tune_postprocess
-from gsd_wsi.metrics import aji, label_instances
+from gsd_wsi.metrics import aji, label_instances, panoptic_quality
 from gsd_wsi.targets import contour_target, distance_target
 
 MPP = 0.25
@@ -104,13 +104,14 @@ def test_tune_postprocess_finds_thresholds_that_split_a_hesitant_map() -> None:
                               np.where(target == 2, 0.45, 0.05)])
     default = instances_from_probabilities(probabilities, PostprocessConfig(kind="contour"), MPP)
     assert default.max() == 1 and aji(default, instances) < 0.6
-    tuned, val_aji = tune_postprocess([(probabilities, instances)], "contour", MPP)
+    tuned, scores = tune_postprocess([(probabilities, instances)], "contour", MPP)
     assert tuned.kind == "contour" and tuned.seed_threshold < 0.45
-    assert aji(instances_from_probabilities(probabilities, tuned, MPP), instances) == pytest.approx(val_aji)
-    assert val_aji > 0.95
+    found = instances_from_probabilities(probabilities, tuned, MPP)
+    assert aji(found, instances) == pytest.approx(scores["aji"]) and scores["aji"] > 0.95
+    assert panoptic_quality(found, instances)["pq"] == pytest.approx(scores["pq"])
     empty = tune_postprocess([(np.stack([np.ones((8, 8)), np.zeros((8, 8)), np.zeros((8, 8))]),
                                np.zeros((8, 8), np.int32))], "contour", MPP)
-    assert empty[0] == PostprocessConfig(kind="contour") and math.isnan(empty[1])
+    assert empty[0] == PostprocessConfig(kind="contour") and math.isnan(empty[1]["aji"])
 
 
 def test_tune_postprocess_on_a_noisy_1000_px_image() -> None:

@@ -210,16 +210,16 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, config: FinetuneCon
 
 
 def tuned_postprocess(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
-                      device: torch.device) -> tuple[dict[str, Any], float] | None:
+                      device: torch.device) -> tuple[dict[str, Any], dict[str, float]] | None:
     """model.json ``"postprocess"``, the instance post-processing tuned on ``examples`` (validation
-    images and their true instances, :func:`tuning_examples`), and their mean AJI with it; None
+    images and their true instances, :func:`tuning_examples`), and their mean AJI and PQ with it; None
     without examples, for a multi-class target, or without the images' resolution (the areas
     are in um^2; a contour target always has it)."""
     if not examples or (config.target == "semantic" and config.classes != 2) or config.mpp is None:
         return None
     pairs = [(predict_image(model, image, config, device), instances) for image, instances in examples]
-    tuned, val_aji = tune_postprocess(pairs, kind=config.target, mpp=config.mpp)  # validation images at mpp
-    return tuned.to_dict(), val_aji
+    tuned, scores = tune_postprocess(pairs, kind=config.target, mpp=config.mpp)  # validation images at mpp
+    return tuned.to_dict(), scores
 
 
 def tuning_examples(items: list[LabelledImage], config: FinetuneConfig,
@@ -423,10 +423,10 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     tuning = tuning_examples(splits["val"], config, normaliser)
     tuned = tuned_postprocess(model, tuning, config, device)
     if tuned is not None:
-        postprocess, val_aji = tuned
+        postprocess, scores = tuned
         ckpt.write_json(run_dir / "model" / ckpt.MODEL_JSON, ckpt.load_model_json(run_dir / "model")
-                        | {"postprocess": postprocess, "val_aji": None if math.isnan(val_aji) else val_aji,
-                           "val_aji_images": len(tuning)})
+                        | {"postprocess": postprocess, "val_instance_images": len(tuning),
+                           **{f"val_{k}": None if math.isnan(v) else v for k, v in scores.items()}})
     plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", "gsd-wsi finetune",
                 [("loss", f"{config.loss} loss", True), ("val_dice", "validation Dice (foreground)", False)])
     if progress:
