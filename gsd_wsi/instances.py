@@ -42,7 +42,7 @@ _EIGHT = np.ones((3, 3), dtype=bool)
 # tune_postprocess's grid: 3 x 3 x 3 = 27 settings for a seeded kind, 3 x 3 = 9 for semantic
 SEED_GRID = (0.3, 0.5, 0.7)
 FOREGROUND_GRID = (0.3, 0.5, 0.7)
-MIN_AREA_GRID_UM2 = (0.0, 2.0, 8.0)
+MIN_AREA_GRID_UM2 = (2.0, 8.0, 16.0)  # a lymphocyte nucleus is about 30-40 um^2
 
 
 @dataclass(frozen=True)
