@@ -127,6 +127,9 @@ def test_a_killed_worker_is_retried_or_recorded(good_slide: Path, tmp_path: Path
                     pid = json.loads((out / sid / LOCK_NAME).read_text())["pid"]
                 except (OSError, ValueError, KeyError):
                     continue
+                # kill an attempt once it is on record ("running"), not between its claim and its record
+                if read_status(out / sid)["stages"].get("tile", {}).get("status") != "running":
+                    continue
                 if pid != os.getpid() and pid not in pids and (sid == "s1" or not pids):
                     pids.append(pid)
                     os.kill(pid, signal.SIGKILL)
@@ -141,7 +144,9 @@ def test_a_killed_worker_is_retried_or_recorded(good_slide: Path, tmp_path: Path
         killer.join()
     statuses = _statuses(result)
     assert kills["s0"] and len(kills["s1"]) == 2
-    assert statuses == {"s0": "done", "s1": "failed", "s2": "done", "s3": "done"}
+    # a slide finished by a worker killed before it reported is found finished on the retry
+    assert statuses["s0"] == "done" and statuses["s1"] == "failed"
+    assert {statuses["s2"], statuses["s3"]} <= {"done", "skipped"}
     assert read_status(out / "s0")["stages"]["tile"]["attempts"] == 2
     s1 = result.slides[1].records["tile"]
     assert s1.error_kind == "KilledWorker" and "died" in s1.error
