@@ -142,8 +142,9 @@ def _grow(seeds: np.ndarray, elevation: np.ndarray, foreground: np.ndarray) -> n
     pairs = np.unique(np.stack([components[marked], seeds[marked]]), axis=1) if marked.any() else np.zeros((2, 0), int)
     seeds_per_component = np.bincount(pairs[0], minlength=n + 1)
     next_id = n + 1
+    boxes = ndi.find_objects(components)
     for c in np.flatnonzero(seeds_per_component > 1):
-        box = ndi.find_objects(components == c, max_label=1)[0]
+        box = boxes[c - 1]
         mask = components[box] == c
         split = watershed(elevation[box], np.where(mask, seeds[box], 0), mask=mask)
         _, inverse = np.unique(split[mask], return_inverse=True)
