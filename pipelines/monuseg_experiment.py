@@ -304,8 +304,9 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         pretrained = pretrain(args, out, tiles)
         timings["pretrain"] = time.perf_counter() - started
-    runs = [FinetuneRun(target, start, fraction, seed) for target in args.targets for fraction in args.fractions
-            for seed in args.seeds for start in args.starts]
+    # Seed-major, so that an experiment cut short still has whole seeds of every row.
+    runs = [FinetuneRun(target, start, fraction, seed) for seed in args.seeds for target in args.targets
+            for fraction in args.fractions for start in args.starts]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
     with ThreadPoolExecutor(args.jobs) as pool:
