@@ -202,10 +202,8 @@ class BandInstanceLabeller:
         sums = [np.bincount(written.ravel(), weights=channel.ravel().astype(np.float64), minlength=n + 1)
                 for channel in extra]
         boxes = ndi.find_objects(written, max_label=n)
-        for label in kept:
+        for label in kept:  # a kept instance wrote at least half its pixels: its box exists
             box = boxes[label - 1]
-            if box is None:  # every pixel claimed before: a zero-area instance is none
-                continue
             self.n_instances += 1
             mask = written[box] == label
             self.on_instance(Instance(int(new_ids[label]), y0 + box[0].start, x0 + box[1].start, mask,

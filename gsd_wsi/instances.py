@@ -82,6 +82,20 @@ class PostprocessConfig:
         return cls(**data)
 
 
+def recorded_postprocess(info: dict[str, Any]) -> tuple[str, PostprocessConfig | None]:
+    """The model's target kind (model.json ``"target"``; absent = semantic) and its post-processing
+    (``"postprocess"``; missing keys = the defaults): for an instance target always, for a
+    semantic one when finetune tuned it (else None: connected components)."""
+    kind = str((info.get("target") or {}).get("kind", "semantic"))
+    if kind == "semantic" and not info.get("postprocess"):
+        return kind, None
+    record = dict(info.get("postprocess") or {})
+    if record.setdefault("kind", kind) != kind:
+        raise ConfigError(f"model.json: target kind {kind!r} but postprocess kind {record['kind']!r}; "
+                          "re-run finetune or fix model.json")
+    return kind, PostprocessConfig.from_dict(record)
+
+
 def _px(area_um2: float, mpp: float) -> float:
     return area_um2 / (mpp * mpp)
 
@@ -152,6 +166,8 @@ def _grow(seeds: np.ndarray, elevation: np.ndarray, foreground: np.ndarray) -> n
         region[mask] = next_id + inverse.reshape(-1)
         next_id += int(inverse.max()) + 1
     return labels
+
+
 def _drop_small(labels: np.ndarray, min_area_px: float) -> np.ndarray:
     """Zero the instances under ``min_area_px`` pixels (ids kept)."""
     if min_area_px > 0 and labels.any():

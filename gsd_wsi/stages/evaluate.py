@@ -69,7 +69,7 @@ from gsd_wsi.datasets import (
 )
 from gsd_wsi.errors import ConfigError, GsdWsiError
 from gsd_wsi.imageops import predict_at_mpp, same_mpp
-from gsd_wsi.instances import PostprocessConfig, instances_from_probabilities
+from gsd_wsi.instances import instances_from_probabilities, recorded_postprocess
 from gsd_wsi.metrics import (
     aji,
     confusion,
@@ -220,20 +220,6 @@ def _load(item: LabelledImage, n_classes: int, kind: str) -> tuple[np.ndarray, n
     return image, truth, (None if source == "mask connected components" else instances)
 
 
-def model_postprocess(info: dict[str, Any]) -> tuple[str, PostprocessConfig | None]:
-    """The model's target kind (model.json ``"target"``; absent = semantic) and its post-processing
-    (``"postprocess"``; missing keys = the defaults): for an instance target always, for a
-    semantic one when finetune tuned it (else None: connected components)."""
-    kind = str((info.get("target") or {}).get("kind", "semantic"))
-    if kind == "semantic" and not info.get("postprocess"):
-        return kind, None
-    record = dict(info.get("postprocess") or {})
-    if record.setdefault("kind", kind) != kind:
-        raise ConfigError(f"model.json: target kind {kind!r} but postprocess kind {record['kind']!r}; "
-                          "re-run finetune or fix model.json")
-    return kind, PostprocessConfig.from_dict(record)
-
-
 def _patch_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[str, list[float]]:
     """Per class Dice, IoU, precision and recall of one patch; an undefined ratio (class absent
     from truth and prediction, or nothing predicted) scores 1, as sklearn's zero_division=1."""
@@ -281,7 +267,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     """
     data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
     model, info = load_segmentation_network(model_dir)
-    kind, postprocess = model_postprocess(info)
+    kind, postprocess = recorded_postprocess(info)
     classes = [str(c) for c in info["classes"]]
     if kind != "semantic":  # scored as background / object; the object is interior + boundary (contour)
         classes = classes[:2]

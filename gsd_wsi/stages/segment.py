@@ -39,8 +39,8 @@ from gsd_wsi.atomic import atomic_write_text, replace_dir, temporary_sibling
 from gsd_wsi.errors import OutputError
 from gsd_wsi.manifest import SlideInput, collect_inputs, default_slide_id
 from gsd_wsi.masks import (
-    DetectionWriter, InstancePyramidWriter, LabelPyramidWriter, class_colors, label_levels, open_label_level, render_overlay, write_geojson,
-    write_pyramidal_tiff,
+    DetectionWriter, InstancePyramidWriter, LabelPyramidWriter, class_colors, label_levels, open_label_level,
+    render_overlay, write_geojson, write_pyramidal_tiff,
 )
 from gsd_wsi.progress import NullProgress, Progress
 from gsd_wsi.qc import save_png
@@ -107,30 +107,20 @@ def read_summary(slide_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-class _BandSink:
-    """Receives stitched bands: argmax, background outside tissue, areas, then to disk.
+class _OffTissue:
+    """Which mask pixels of a band lie off tissue (or were reached by no window): background
+    in every output, whichever sink receives the band."""
 
-    Bands of labels (uint8) are gathered into whole rows of zarr chunks before they are
-    written, so the float bands can be thin while the chunks stay large (fewer files)."""
-
-    def __init__(self, writer: LabelPyramidWriter, frame: MaskFrame, tissue: np.ndarray,
-                 thumb_scale_xy: tuple[float, float], n_classes: int, probabilities: bool, chunk_px: int) -> None:
-        self.writer, self.n_classes, self.probabilities, self.chunk_px = writer, n_classes, probabilities, chunk_px
+    def __init__(self, frame: MaskFrame, tissue: np.ndarray, thumb_scale_xy: tuple[float, float]) -> None:
         self.tissue = tissue
         sx, sy = thumb_scale_xy
         d = frame.downsample
         # tissue pixel under each mask pixel's centre
         self._cols = np.minimum(((np.arange(frame.width_px) + 0.5) * d / sx).astype(np.int64), tissue.shape[1] - 1)
         self._row_scale = d / sy
-        self._height = frame.height_px
-        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
-        self._pending_y0 = 0
-        self.counts = np.zeros(n_classes, np.int64)
-        self.seconds = 0.0
-        self.instances: InstanceSink | None = None  # an instance model's bands go there instead
 
-    def outside(self, y0: int, weight: np.ndarray) -> np.ndarray:
-        """Mask pixels of rows ``y0 ..`` (as many as ``weight`` has) off tissue or reached by no window."""
+    def __call__(self, y0: int, weight: np.ndarray) -> np.ndarray:
+        """Off-tissue pixels of rows ``y0 ..`` (as many as ``weight`` has)."""
         rows = weight.shape[0]
         thumb_rows = np.minimum(((np.arange(y0, y0 + rows) + 0.5) * self._row_scale).astype(np.int64),
                                 self.tissue.shape[0] - 1)
@@ -138,13 +128,26 @@ class _BandSink:
         outside |= weight <= 0
         return outside
 
+
+class _BandSink:
+    """Receives stitched bands: argmax, background outside tissue, areas, then to disk.
+
+    Bands of labels (uint8) are gathered into whole rows of zarr chunks before they are
+    written, so the float bands can be thin while the chunks stay large (fewer files)."""
+
+    def __init__(self, writer: LabelPyramidWriter, frame: MaskFrame, outside: _OffTissue, n_classes: int,
+                 probabilities: bool, chunk_px: int) -> None:
+        self.writer, self.n_classes, self.probabilities, self.chunk_px = writer, n_classes, probabilities, chunk_px
+        self.outside = outside
+        self._height = frame.height_px
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._pending_y0 = 0
+        self.counts = np.zeros(n_classes, np.int64)
+        self.seconds = 0.0
+
     def __call__(self, y0: int, blended: np.ndarray, weight: np.ndarray) -> None:
         started = time.perf_counter()
         rows = blended.shape[1]
-        if self.instances is not None:
-            self.instances(y0, blended, weight)
-            self.seconds += time.perf_counter() - started
-            return
         outside = self.outside(y0, weight)
         labels = _argmax_uint8(blended)
         labels[outside] = 0
@@ -277,19 +280,22 @@ def _infer(reader: WindowReader, model: SegmentationModel, frame: MaskFrame, tis
     writer = LabelPyramidWriter(tmp_dir / MASK_ZARR, frame.width_px, frame.height_px, frame.mpp, classes, colors,
                                 band_px=config.chunk_px,
                                 n_probability_channels=len(classes) if config.probabilities else None, metadata=metadata)
-    sink = _BandSink(writer, frame, tissue, thumb_scale, model.n_classes, config.probabilities, config.chunk_px)
+    outside = _OffTissue(frame, tissue, thumb_scale)
     with contextlib.ExitStack() as stack:
-        instance_writer = None
+        sink: _BandSink | InstanceSink
         if model.finds_instances:
+            postprocess = model.postprocess()
+            assert postprocess is not None  # always recorded for an instance model
             instance_writer = InstancePyramidWriter(tmp_dir / INSTANCES_ZARR, frame.width_px, frame.height_px,
                                                     frame.mpp, classes[1], band_px=config.chunk_px,
-                                                    metadata=metadata | {"postprocess": model.postprocess().to_dict()})
+                                                    metadata=metadata | {"postprocess": postprocess.to_dict()})
             detections = stack.enter_context(DetectionWriter(
                 tmp_dir / MASK_GEOJSON, classes[1], colors[1], frame.mpp, frame.downsample, slide_bounds_l0_xy,
                 config.min_area_um2))
-            sink.instances = InstanceSink(frame.width_px, frame.height_px, frame.mpp, model.n_classes,
-                                          model.postprocess(), sink.outside, writer, instance_writer, detections,
-                                          config.probabilities, config.chunk_px)
+            sink = InstanceSink(frame.width_px, frame.height_px, frame.mpp, model.n_classes, postprocess, outside,
+                                writer, instance_writer, detections, config.probabilities, config.chunk_px)
+        else:
+            sink = _BandSink(writer, frame, outside, model.n_classes, config.probabilities, config.chunk_px)
         n_channels = model.n_classes + (1 if model.finds_instances else 0)  # + haematoxylin OD
         stitcher = BandStitcher(frame.width_px, frame.height_px, n_channels, model.patch_px, sink,
                                 band_px=config.band_px, weights=config.weights)
@@ -310,19 +316,17 @@ def _infer(reader: WindowReader, model: SegmentationModel, frame: MaskFrame, tis
             mark = time.perf_counter()
             progress.tiles_done(len(xy))
         stitcher.finish()
-        if sink.instances is not None:
-            sink.instances.finish()
-            assert instance_writer is not None
+        if isinstance(sink, InstanceSink):
+            sink.finish()
             instance_writer.finish()
         info = writer.finish()
     total = time.perf_counter() - t0
-    counts = sink.instances.counts if sink.instances is not None else sink.counts
     timing: dict[str, Any] = {
         "inference_s": total, "network_s": network_s, "reader_wait_s": wait_s, "stitch_s": stitch_s,
         "band_write_s": sink.seconds, "reader_busy_s": reader.read_seconds,
-        "class_px": counts.tolist(), "levels": [list(s) for s in info.level_shapes]}
-    if sink.instances is not None:
-        timing["instances"] = sink.instances
+        "class_px": sink.counts.tolist(), "levels": [list(s) for s in info.level_shapes]}
+    if isinstance(sink, InstanceSink):
+        timing["instances"] = sink
         timing["geojson"] = detections.summary()
     return timing
 

@@ -17,12 +17,14 @@ larger than the labelling margin (cut, so reported).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from gsd_wsi.instance_bands import BandInstanceLabeller, Instance
+from gsd_wsi.instances import PostprocessConfig
 from gsd_wsi.masks import DetectionWriter, InstancePyramidWriter, LabelPyramidWriter
 from gsd_wsi.targets import pixel_probabilities
 
@@ -34,7 +36,7 @@ OD_KEY = "Hematoxylin OD mean"
 class InstanceSink:
     """Receives stitched bands (probabilities + OD channel), writes instances, mask and detections."""
 
-    def __init__(self, width_px: int, height_px: int, mpp: float, n_classes: int, postprocess: Any,
+    def __init__(self, width_px: int, height_px: int, mpp: float, n_classes: int, postprocess: PostprocessConfig,
                  outside: Callable[[int, np.ndarray], np.ndarray], mask_writer: LabelPyramidWriter,
                  instance_writer: InstancePyramidWriter, detections: DetectionWriter, probabilities: bool,
                  chunk_px: int) -> None:
@@ -52,11 +54,13 @@ class InstanceSink:
         self.seconds = 0.0
 
     def __call__(self, y0: int, blended: np.ndarray, weight: np.ndarray) -> None:
+        started = time.perf_counter()
         probabilities = blended[: self.n_classes].copy()
         outside = self.outside(y0, weight)
         probabilities[:, outside] = 0.0
         probabilities[0][outside] = 1.0
         self.labeller.add(y0, probabilities, blended[self.n_classes:])
+        self.seconds += time.perf_counter() - started  # labelling and writing, as the class sink's
 
     def finish(self) -> None:
         self.labeller.finish()

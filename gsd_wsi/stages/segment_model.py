@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from gsd_wsi.errors import ConfigError
-from gsd_wsi.instances import PostprocessConfig
+from gsd_wsi.instances import PostprocessConfig, recorded_postprocess
 from gsd_wsi.nn.inference import output_probabilities
 from gsd_wsi.nn.unet import UNet
 from gsd_wsi.stain import StainNormalizer, make_normalizer, recorded_normaliser
@@ -55,7 +55,7 @@ class SegmentationModel:
     @property
     def target(self) -> str:
         """What the network learnt (model.json ``"target"``): semantic, contour or distance."""
-        return str((self.info.get("target") or {}).get("kind", "semantic"))
+        return recorded_postprocess(self.info)[0]
 
     @property
     def finds_instances(self) -> bool:
@@ -67,10 +67,9 @@ class SegmentationModel:
         """Classes of the class mask: an instance model's are background and its object."""
         return self.classes[:2] if self.finds_instances else self.classes
 
-    def postprocess(self) -> PostprocessConfig:
-        """How probabilities become instances: the model's tuned settings, else the defaults of its target."""
-        recorded = self.info.get("postprocess")
-        return PostprocessConfig.from_dict(recorded) if recorded else PostprocessConfig(kind=self.target)  # type: ignore[arg-type]
+    def postprocess(self) -> PostprocessConfig | None:
+        """How probabilities become instances (model.json ``"postprocess"``; always set for an instance model)."""
+        return recorded_postprocess(self.info)[1]
 
     @property
     def on_gpu(self) -> bool:
