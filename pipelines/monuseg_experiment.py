@@ -10,8 +10,9 @@ pipelines/monuseg_split.json (24 training images, 6 test images, by whole image)
    normalisation (fine-tuning and evaluation see the images as they are). Test images are
    never tiled.
 2. `gsd-wsi pretrain`: the U-Net as a denoising diffusion model on those unlabelled patches.
-3. `gsd-wsi finetune`, for each target (semantic, contour), label fraction, seed and start
-   (pretrained or from scratch); its instance post-processing is tuned on its validation images.
+3. `gsd-wsi finetune`, for each target (semantic and distance by default; contour is the third),
+   label fraction, seed and start (pretrained or from scratch); its instance post-processing is
+   tuned on its validation images.
    Both starts use the same images for a given seed and fraction (validation split and label
    subset depend on the seed only), the same steps and the same settings. An epoch is
    ``--crops`` crops per image at 100 % labels; at fraction f each image gives ``crops / f``
@@ -83,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=5, help="Fine-tuning epochs between validations.")
     p.add_argument("--crops", type=int, default=8, help="Crops per image per epoch at 100 %% labels.")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--targets", nargs="+", default=["semantic", "contour"], choices=["semantic", "contour", "distance"])
+    p.add_argument("--targets", nargs="+", default=["semantic", "distance"],
+                   choices=["semantic", "contour", "distance"], help="distance was ahead of contour on validation.")
     p.add_argument("--starts", nargs="+", default=["pretrained", "scratch"], choices=["pretrained", "scratch"])
     p.add_argument("--loss", default="dice+ce", help="Fine-tuning loss: dice+ce or ss+focal (the method's).")
     p.add_argument("--lr", type=float, default=1e-3, help="Fine-tuning learning rate (of the head, with --body-lr-scale).")
