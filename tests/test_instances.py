@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from gsd_wsi.errors import ConfigError
-from gsd_wsi.instances import PostprocessConfig, instances_from_probabilities, tune_postprocess
+from gsd_wsi.instances import PostprocessConfig, instances_from_probabilities, recorded_postprocess, tune_postprocess
 from gsd_wsi.metrics import aji, label_instances, panoptic_quality
 from gsd_wsi.targets import contour_target, distance_target
 
@@ -93,6 +93,19 @@ def test_config_round_trip_defaults_and_refusals() -> None:
         instances_from_probabilities(np.zeros((2, 8, 8)), PostprocessConfig(kind="contour"), MPP)
     with pytest.raises(ConfigError, match="needs the images' resolution"):
         tune_postprocess([], "contour", None)
+
+
+def test_recorded_postprocess_reads_what_model_json_says() -> None:
+    """What evaluate and segment both do with a model.json: target kind, then its post-processing."""
+    assert recorded_postprocess({}) == ("semantic", None)  # an old model: components, untuned
+    tuned = {"kind": "semantic", "foreground_threshold": 0.7, "min_area_um2": 16.0}
+    assert recorded_postprocess({"postprocess": tuned}) == ("semantic", PostprocessConfig.from_dict(tuned))
+    # an instance model without a record gets its kind's defaults; a record without a kind takes the target's
+    assert recorded_postprocess({"target": {"kind": "distance"}}) == ("distance", PostprocessConfig(kind="distance"))
+    record = {"target": {"kind": "contour"}, "postprocess": {"seed_threshold": 0.3}}
+    assert recorded_postprocess(record) == ("contour", PostprocessConfig(kind="contour", seed_threshold=0.3))
+    with pytest.raises(ConfigError, match="target kind 'contour' but postprocess kind 'distance'"):
+        recorded_postprocess({"target": {"kind": "contour"}, "postprocess": {"kind": "distance"}})
 
 
 def test_tune_postprocess_finds_thresholds_that_split_a_hesitant_map() -> None:

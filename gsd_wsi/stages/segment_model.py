@@ -47,15 +47,17 @@ class SegmentationModel:
     digest: str                      # hash of model.json and the weights: what a mask depends on
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     info: dict[str, Any] = field(default_factory=dict)
+    #: What the network learnt (model.json ``"target"``): semantic, contour or distance.
+    target: str = field(init=False)
+    _postprocess: PostprocessConfig | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Read once (and checked at load): forward() needs the target on every batch.
+        self.target, self._postprocess = recorded_postprocess(self.info)
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
-
-    @property
-    def target(self) -> str:
-        """What the network learnt (model.json ``"target"``): semantic, contour or distance."""
-        return recorded_postprocess(self.info)[0]
 
     @property
     def finds_instances(self) -> bool:
@@ -69,7 +71,7 @@ class SegmentationModel:
 
     def postprocess(self) -> PostprocessConfig | None:
         """How probabilities become instances (model.json ``"postprocess"``; always set for an instance model)."""
-        return recorded_postprocess(self.info)[1]
+        return self._postprocess
 
     @property
     def on_gpu(self) -> bool:
