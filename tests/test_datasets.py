@@ -20,6 +20,7 @@ from gsd_wsi.datasets import (
     read_aperio_xml,
     read_split_file,
     split_by_image,
+    split_from_file,
 )
 from gsd_wsi.errors import GsdWsiError
 
@@ -197,6 +198,29 @@ def test_split_by_image_disjoint_and_deterministic() -> None:
         split_by_image(items, 0.2, test_names=["nope"])
     with pytest.raises(DatasetError, match="val_fraction=1.0"):
         split_by_image(items, 1.0)
+
+
+def test_split_from_file_keeps_its_lists() -> None:
+    items = _items(10)
+    names = lambda split: {k: [i.name for i in v] for k, v in split.items()}  # noqa: E731
+    # Only a test list: as split_by_image; a train list naming every other image changes nothing.
+    everything_else = [f"i{k:02d}" for k in range(2, 10)]
+    assert split_from_file(items, {"test": ["i00", "i01"]}, 0.25, 3) == split_by_image(items, 0.25, ["i00", "i01"], 3)
+    assert (split_from_file(items, {"test": ["i00", "i01"], "train": everything_else}, 0.25, 3)
+            == split_by_image(items, 0.25, ["i00", "i01"], 3))
+    # A shorter train list: the images in no list are left out; val is drawn from the list.
+    short = names(split_from_file(items, {"test": ["i00"], "train": ["i02", "i03", "i04", "i05"]}, 0.25, 0))
+    assert short["test"] == ["i00"] and len(short["val"]) == 1
+    assert sorted(short["train"] + short["val"]) == ["i02", "i03", "i04", "i05"]
+    # A val list is the validation set, whatever the seed; train is the train list, else the rest.
+    fixed = {"test": ["i00"], "train": ["i02", "i03"], "val": ["i09", "i05"]}
+    assert names(split_from_file(items, fixed, 0.25, 0)) == {"train": ["i02", "i03"], "val": ["i05", "i09"],
+                                                              "test": ["i00"]}
+    assert split_from_file(items, fixed, 0.25, 0) == split_from_file(items, fixed, 0.5, 7)
+    rest = names(split_from_file(items, {"val": ["i01"]}, 0.25, 0))
+    assert rest["val"] == ["i01"] and rest["test"] == [] and len(rest["train"]) == 9
+    with pytest.raises(DatasetError, match="no image to train on"):
+        split_from_file(_items(2), {"val": ["i00"], "test": ["i01"]}, 0.25, 0)
 
 
 def test_label_subset() -> None:

@@ -183,7 +183,7 @@ def finetune(
     train_mpp: Annotated[Optional[float], typer.Option(help="Resample the images to this resolution (um/px, not finer than --mpp) and train there; the model's mpp.")] = None,
     stain: Annotated[str, typer.Option(help="Stain normalisation of every image: macenko, reinhard, vahadane or none (use the one the pretraining patches had).")] = "none",
     stain_target: Annotated[Optional[Path], typer.Option(help="Image whose stains are the target (default: built-in reference).")] = None,
-    split_file: Annotated[Optional[Path], typer.Option(help="JSON/YAML split by image; its test images are never trained on.")] = None,
+    split_file: Annotated[Optional[Path], typer.Option(help="JSON/YAML split by image: test images are never trained on; a train list is all that trains, a val list is the validation set (else drawn by --seed).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

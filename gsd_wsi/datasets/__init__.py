@@ -27,6 +27,7 @@ from gsd_wsi.datasets.labelled import (  # noqa: E402
     recorded_mpp,
     resample_example,
     split_by_image,
+    split_from_file,
 )
 from gsd_wsi.datasets.monuseg_xml import rasterise_instances, read_aperio_mpp, read_aperio_xml  # noqa: E402
 
@@ -45,4 +46,5 @@ __all__ = [
     "recorded_mpp",
     "resample_example",
     "split_by_image",
+    "split_from_file",
 ]

@@ -301,6 +301,37 @@ def split_by_image(
     }
 
 
+def split_from_file(
+    items: Sequence[LabelledImage], listed: dict[str, list[str]], val_fraction: float, seed: int = 0
+) -> dict[str, list[LabelledImage]]:
+    """``{"train", "val", "test"}`` as a split file lists them (see :func:`read_split_file`).
+
+    ``test`` images are never trained on. With a ``train`` list, only those images train (the
+    images in no list are left out); with a ``val`` list, those images validate and nothing is
+    drawn, else ``val_fraction`` of the training images are drawn by ``seed`` as in
+    :func:`split_by_image`.
+    """
+    test, train, val = (listed.get(key) or [] for key in ("test", "train", "val"))
+    if train:
+        kept = set(train) | set(val) | set(test)
+        items = [item for item in items if item.name in kept]
+    if not val:
+        return split_by_image(items, val_fraction, test, seed)
+    by_name = {item.name: item for item in items}
+    unknown = sorted((set(val) | set(test)) - set(by_name))
+    if unknown:
+        raise DatasetError(f"split image(s) not among the {len(by_name)} discovered: {', '.join(unknown)}")
+    taken = set(val) | set(test)
+    rest = [item for item in items if item.name not in taken]
+    if not rest:
+        raise DatasetError("the split file leaves no image to train on; list some under 'train'")
+    return {
+        "train": sorted(rest, key=lambda item: item.name),
+        "val": sorted((by_name[n] for n in val), key=lambda item: item.name),
+        "test": sorted((by_name[n] for n in test), key=lambda item: item.name),
+    }
+
+
 def read_split_file(path: Path, known_names: Iterable[str] | None = None) -> dict[str, list[str]]:
     """Image stems per split from a JSON or YAML mapping ``{"train": [...], "test": [...]}``.
 

@@ -52,7 +52,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ import torch
 
 from gsd_wsi import __version__
 from gsd_wsi.datasets import (LabelledImage, discover, label_subset, load_example, load_instance_example,
-                              read_split_file, recorded_mpp, resample_example, split_by_image)
+                              read_split_file, recorded_mpp, resample_example, split_from_file)
 from gsd_wsi.errors import ConfigError, RunFolderError, StainError
 from gsd_wsi.imageops import predict_at_mpp
 from gsd_wsi.instances import tune_postprocess
@@ -125,10 +125,13 @@ def _worker_seed(worker_id: int) -> None:
 
 def _splits(data_dir: Path, config: FinetuneConfig) -> tuple[dict[str, list[LabelledImage]], list[str]]:
     items, problems = discover(data_dir)
-    test_names: Sequence[str] = ()
+    listed: dict[str, list[str]] = {}
     if config.split_file is not None:
-        test_names = read_split_file(config.split_file, known_names=[i.name for i in items]).get("test", [])
-    splits = split_by_image(items, config.val_fraction, test_names, config.seed)
+        listed = read_split_file(config.split_file, known_names=[i.name for i in items])
+    splits = split_from_file(items, listed, config.val_fraction, config.seed)
+    left_out = len(items) - sum(len(v) for v in splits.values())
+    if left_out:
+        logger.info("%d image(s) of %s are in none of %s's lists: not used", left_out, data_dir, config.split_file)
     if config.label_fraction < 1:
         splits["train"] = label_subset(splits["train"], config.label_fraction, config.seed)
     return splits, problems

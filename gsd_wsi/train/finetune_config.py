@@ -51,7 +51,7 @@ class FinetuneConfig:
     train_mpp: float | None = None                  # train at this resolution (the model's mpp); None: at mpp
     stain: str = "none"                             # normalise every image (fitted per image) to a target
     stain_target: Path | None = None                # image to take the target stains from; None: built-in
-    split_file: Path | None = None                  # its test images are never trained on
+    split_file: Path | None = None                  # test never trains; train and val lists, where given, are kept
     seed: int = 0
     num_workers: int = 0
     val_every: int = 1                              # epochs
