@@ -183,7 +183,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     if not finite:
         return math.nan, math.nan
     mean = sum(finite) / len(finite)
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    # One value has no sample spread: NaN, which the table prints as the mean alone (not "± 0.000").
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else math.nan
     return mean, std
 
 
@@ -242,10 +243,16 @@ def _row_starts(settings: dict[str, Any]) -> list[str]:
     return starts + (["difference"] if set(starts) == {"pretrained", "scratch"} else [])
 
 
+def _cell(mean: float, std: float, signed: bool) -> str:
+    text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return text if math.isnan(std) else f"{text} ± {std:.3f}"
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     s = result["settings"]
+    spread = "mean ± sample std over seeds" if len(s["seeds"]) > 1 else "one seed,"
     title = (f"MoNuSeg, {describe_split(result['split'])}; {s['model']} U-Net, {s['patch_px']}-px patches, "
-             f"{s['loss']} lr {s['lr']:g}{', top skip' if s['use_top_skip'] else ''}; mean ± sample std over seeds "
+             f"{s['loss']} lr {s['lr']:g}{', top skip' if s['use_top_skip'] else ''}; {spread} "
              f"{', '.join(map(str, s['seeds']))} (gsd-wsi {result['gsd_wsi_version']}).")
     lines = [title, "",
              "| target | labels | start | " + " | ".join(label for _, label, _ in METRICS) + " |",
@@ -255,8 +262,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             for start in _row_starts(s):
                 row = result["table"][f"{target}/{start}@{fraction:g}"]
                 name = "pretrained − scratch (paired)" if start == "difference" else start
-                cells = [f"{row[k]['mean']:+.3f} ± {row[k]['std']:.3f}" if start == "difference"
-                         else f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k, _, _ in METRICS]
+                cells = [_cell(row[k]["mean"], row[k]["std"], signed=start == "difference") for k, _, _ in METRICS]
                 lines.append(f"| {target} | {fraction:.0%} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "Higher is better for Dice, AJI and PQ; lower for HD95.", ""]
     path.write_text("\n".join(lines))
@@ -276,14 +282,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for i, (start, colour) in enumerate(starts):
             xs = [j + (i - (len(starts) - 1) / 2) * width for j in range(len(groups))]
             rows = [result["table"][f"{t}/{start}@{f:g}"][key] for t, f in groups]
-            ax.bar(xs, [r["mean"] for r in rows], width, yerr=[r["std"] for r in rows], color=colour, capsize=3,
+            ax.bar(xs, [r["mean"] for r in rows], width, yerr=[0.0 if math.isnan(r["std"]) else r["std"] for r in rows], color=colour, capsize=3,
                    label=start)
             for x, r in zip(xs, rows):
                 ax.scatter([x] * len(r["per_seed"]), r["per_seed"], s=8, color="black", zorder=3)
         ax.set_xticks(range(len(groups)), [f"{t}\n{f:.0%} labels" for t, f in groups], fontsize=7)
         ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"MoNuSeg test images ({s['model']} U-Net, {len(s['seeds'])} seeds, gsd-wsi "
+    fig.suptitle(f"MoNuSeg test images ({s['model']} U-Net, {len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''}, "
+                 f"gsd-wsi "
                  f"{result['gsd_wsi_version']}); dots are single seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
