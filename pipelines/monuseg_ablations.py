@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
+
+# The experiment's own cell format (mean ± sample std; the mean alone for one seed). This script
+# sits beside it in pipelines/, which Python puts on the path when it runs a script from there.
+from monuseg_experiment import _cell as mean_std_cell
 
 # (results.json key, label, goal drawn on the panel or None)
 DELTAS = (("dice", "Δ Dice", 0.02), ("aji", "Δ AJI", 0.02), ("pq", "Δ PQ", None))
@@ -54,8 +57,7 @@ def read_rows(specs: list[str], target: str, fraction: float) -> list[dict[str, 
 
 def _cell(delta: dict[str, Any]) -> str:
     per_seed = ", ".join(f"{v:+.3f}" for v in delta["per_seed"])
-    spread = "" if delta["std"] is None or math.isnan(delta["std"]) else f" ± {delta['std']:.3f}"
-    return f"{delta['mean']:+.3f}{spread} ({per_seed})"
+    return f"{mean_std_cell(delta['mean'], delta['std'], signed=True)} ({per_seed})"
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, target: str, fraction: float) -> None:

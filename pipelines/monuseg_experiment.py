@@ -282,16 +282,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for i, (start, colour) in enumerate(starts):
             xs = [j + (i - (len(starts) - 1) / 2) * width for j in range(len(groups))]
             rows = [result["table"][f"{t}/{start}@{f:g}"][key] for t, f in groups]
-            ax.bar(xs, [r["mean"] for r in rows], width, yerr=[0.0 if math.isnan(r["std"]) else r["std"] for r in rows], color=colour, capsize=3,
-                   label=start)
+            spreads = [0.0 if math.isnan(r["std"]) else r["std"] for r in rows]  # one seed: no error bar
+            ax.bar(xs, [r["mean"] for r in rows], width, yerr=spreads, color=colour, capsize=3, label=start)
             for x, r in zip(xs, rows):
                 ax.scatter([x] * len(r["per_seed"]), r["per_seed"], s=8, color="black", zorder=3)
         ax.set_xticks(range(len(groups)), [f"{t}\n{f:.0%} labels" for t, f in groups], fontsize=7)
         ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"MoNuSeg test images ({s['model']} U-Net, {len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''}, "
-                 f"gsd-wsi "
-                 f"{result['gsd_wsi_version']}); dots are single seeds", fontsize=9)
+    seeds = f"{len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''}"
+    fig.suptitle(f"MoNuSeg test images ({s['model']} U-Net, {seeds}, gsd-wsi {result['gsd_wsi_version']}); "
+                 "dots are single seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -13,12 +13,19 @@ SCRIPT = Path(__file__).resolve().parent.parent / "pipelines" / "monuseg_ablatio
 
 
 @pytest.fixture(scope="module")
-def ablations():
+def ablations(monkeypatch_module):
+    monkeypatch_module.syspath_prepend(str(SCRIPT.parent))  # as when run as a script: its neighbours import
     spec = importlib.util.spec_from_file_location("monuseg_ablations", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
 
 
 def _experiment(folder: Path, per_seed: dict[str, list[float]], key: str = "distance/difference@0.1") -> None:
