@@ -4,7 +4,9 @@ A CSV manifest has a ``path`` column (relative paths are relative to the CSV's f
 optional ``slide_id`` and ``mpp`` columns, and per-slide tissue-detection overrides in
 columns named as :class:`gsd_wsi.tissue.TissueConfig`'s fields (``thumb_mpp``,
 ``min_object_um2``, ``max_hole_um2``, ``closing_um``, ``remove_pen``; an empty cell keeps
-the run's setting). Other columns are ignored. Problems with one entry (a missing file, a bad
+the run's setting), and a ``model`` column for `segment` and `cohort`: this slide's model, a
+folder (relative to the CSV's folder) or a built-in name such as ``nuclei`` (an empty cell
+keeps the run's ``--model``). Other columns are ignored. Problems with one entry (a missing file, a bad
 id, two slides with the same id) become failed inputs with a message; they never stop the
 others.
 """
@@ -37,6 +39,7 @@ class SlideInput:
     mpp: float | None = None      # resolution to use when the file has none
     error: str | None = None      # set when the entry cannot be processed
     tissue: dict[str, Any] = field(default_factory=dict)  # TissueConfig fields that differ for this slide
+    model: str | None = None      # this slide's segmentation model (a folder or built-in name); None: the run's
 
     def tissue_config(self, base: TissueConfig) -> TissueConfig:
         return dataclasses.replace(base, **self.tissue) if self.tissue else base
@@ -84,9 +87,18 @@ def _from_manifest(csv_path: Path) -> list[SlideInput]:
         raise ConfigError(f"{csv_path}: not a readable CSV manifest ({exc}); save it as UTF-8 CSV") from exc
 
 
+def _model_cell(csv_path: Path, row: dict[str, Any]) -> str | None:
+    """The row's ``model``: a folder relative to the CSV's, or a built-in name as written."""
+    text = (row.get("model") or "").strip()
+    if not text:
+        return None
+    folder = Path(text) if Path(text).is_absolute() else csv_path.parent / text
+    return str(folder) if folder.exists() or "/" in text or "\\" in text else text
+
+
 def _manifest_rows(csv_path: Path, reader: csv.DictReader) -> list[SlideInput]:
     if reader.fieldnames is None or "path" not in reader.fieldnames:
-        raise ConfigError(f"{csv_path}: a manifest needs a 'path' column (optional: slide_id, mpp, "
+        raise ConfigError(f"{csv_path}: a manifest needs a 'path' column (optional: slide_id, mpp, model, "
                           f"{', '.join(_TISSUE_COLUMNS)})")
     inputs = []
     for row in reader:
@@ -107,7 +119,7 @@ def _manifest_rows(csv_path: Path, reader: csv.DictReader) -> list[SlideInput]:
             except ValueError:
                 error = error or f"{where}: mpp {mpp_text!r} is not a positive number"
         tissue, tissue_error = _tissue_overrides(row, where)
-        inputs.append(SlideInput(path, slide_id, mpp, error or tissue_error, tissue))
+        inputs.append(SlideInput(path, slide_id, mpp, error or tissue_error, tissue, _model_cell(csv_path, row)))
     return inputs
 
 

@@ -66,7 +66,7 @@ def model_run(tmp_path: Path) -> Path:
 def dark_is_nucleus(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replace the network's prediction by "dark pixels are class 1" (exact, known answers)."""
 
-    def fake(model, image, patch_px, overlap=0.5, input_range=(-1.0, 1.0), batch_size=4, target="semantic"):  # noqa: ANN001, ANN202
+    def fake(model, image, patch_px, overlap=0.5, input_range=(-1.0, 1.0), batch_size=4, target="semantic", tta=False):  # noqa: ANN001, ANN202
         dark = (image.astype(int).sum(axis=2) < 300).astype(np.float32)
         return np.stack([1.0 - dark, dark])
 

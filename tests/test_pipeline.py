@@ -94,3 +94,31 @@ def test_monuseg_pipeline_takes_only_the_training_images(monuseg_dir: Path) -> N
     images = _labelled_images(path, data, "train")
     split = read_split_file(PIPELINES / "monuseg_split.json")
     assert len(images) == len(split["train"]) and not {p.stem for p in images} & set(split["test"])
+
+
+def test_slide_entries_with_their_own_model_and_optional_files(loop_out: tuple[Path, Path], slides_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """A ``slides`` mapping gives one slide its own model (the built-in nuclei model beside the
+    pipeline's gland model), and an optional slide that is not there is skipped, not failed."""
+    _, out = loop_out
+    (tmp_path / "p.yaml").write_text(f"""
+name: mixed
+slides:
+  - {out / 'slides' / 'a.svs'}
+  - {{path: {slides_dir / 'CMU-1-Small-Region.svs'}, model: nuclei}}
+  - {{path: {tmp_path / 'not-here.svs'}, optional: true}}
+cohort: {{workers: 1}}
+segment: {{model: {out / 'finetune'}, batch_size: 16, tta: false}}
+""")
+    result = run_pipeline(tmp_path / "p.yaml", tmp_path / "out")
+    assert result.segment is not None and result.segment.count("done") == 2 and result.segment.count("failed") == 0
+    glands = json.loads((tmp_path / "out" / "cohort" / "a" / "segment" / "summary.json").read_text())
+    nuclei = json.loads((tmp_path / "out" / "cohort" / "CMU-1-Small-Region" / "segment" / "summary.json").read_text())
+    assert "nuclei" not in glands and "gland" in glands["class_mm2"]
+    assert nuclei["nuclei"]["count"] > 500 and "nuclei-20x" in nuclei["model"]["path"]
+
+
+def test_slide_entries_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("slides:\n  - {path: x.svs, modle: nuclei}\nsegment: {}\n")
+    with pytest.raises(ConfigError, match=r"slides\[0\]: unknown setting"):
+        check_pipeline(tmp_path / "p.yaml")

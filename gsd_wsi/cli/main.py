@@ -37,6 +37,10 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("gsd_wsi").setLevel(level)
 
 
+MODEL_HELP = ("A built-in model (`gsd-wsi models`; nuclei picks the one for each slide's resolution) or a "
+              "fine-tuned model: the `gsd-wsi finetune -o` run folder or its model/ folder")
+
+
 def _fail(exc: GsdWsiError) -> typer.Exit:
     console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     return typer.Exit(2)
@@ -163,7 +167,7 @@ def run(
 def finetune(
     data: Annotated[Path, typer.Argument(help="Labelled images: images/ + masks/, MoNuSeg .tif + .xml, or GlaS .bmp.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: model/, metrics, curves.")],
-    pretrained: Annotated[str, typer.Option(help="A `gsd-wsi pretrain` run folder, or none to train from scratch.")],
+    pretrained: Annotated[str, typer.Option(help="A `gsd-wsi pretrain` run folder, a fine-tuned model (a folder, or a built-in such as nuclei: its head is kept when the outputs match), or none to train from scratch.")],
     classes: Annotated[int, typer.Option(help="Number of classes, background included.")] = 2,
     class_names: Annotated[Optional[str], typer.Option(help="Comma-separated class names, background first.")] = None,
     model: Annotated[Optional[str], typer.Option(help="U-Net size: tiny, small or base [the pretrained run's; base from scratch].")] = None,
@@ -179,6 +183,8 @@ def finetune(
     ss_variant: Annotated[str, typer.Option(help="Structural-similarity loss: pixel (the fix) or reference.")] = "pixel",
     input_range: Annotated[str, typer.Option(help="minus_one_one (the fix) or zero_one (the reference's).")] = "minus_one_one",
     lr: Annotated[float, typer.Option(help="Adam learning rate [1e-4].")] = 1e-4,
+    lr_schedule: Annotated[str, typer.Option(help="constant (the method's) or cosine (decays to 0 at the last step).")] = "constant",
+    warmup_steps: Annotated[int, typer.Option(help="Linear learning-rate warm-up over this many steps [0].")] = 0,
     mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of the images (recorded for segment); with --train-mpp and no --mpp, read from their Aperio XML.")] = None,
     train_mpp: Annotated[Optional[float], typer.Option(help="Resample the images to this resolution (um/px, not finer than --mpp) and train there; the model's mpp.")] = None,
     stain: Annotated[str, typer.Option(help="Stain normalisation of every image: macenko, reinhard, vahadane or none (use the one the pretraining patches had).")] = "none",
@@ -204,7 +210,8 @@ def finetune(
             classes=classes, class_names=tuple(class_names.split(",")) if class_names else None, model=model,  # type: ignore[arg-type]
             init=init, label_fraction=label_fraction, epochs=epochs, batch_size=batch_size, patch_px=patch_px,  # type: ignore[arg-type]
             crops_per_image=crops_per_image, val_every=val_every, val_fraction=val_fraction, loss=loss, ss_variant=ss_variant,  # type: ignore[arg-type]
-            input_range=input_range, lr=lr, mpp=mpp, train_mpp=train_mpp, stain=stain, stain_target=stain_target, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
+            input_range=input_range, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, mpp=mpp,  # type: ignore[arg-type]
+            train_mpp=train_mpp, stain=stain, stain_target=stain_target, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
             device=device, target=target, boundary_um=boundary_um, use_top_skip=use_top_skip,  # type: ignore[arg-type]
             body_lr_scale=body_lr_scale, freeze_body_epochs=freeze_body_epochs,
         )
@@ -305,7 +312,7 @@ def pretrain(
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Argument(help="Labelled images: images/ + masks/ (or annotations/), MoNuSeg .tif + .xml, or GlaS .bmp + _anno.bmp.")],
-    model: Annotated[Path, typer.Option("--model", help="Fine-tuned model: the `gsd-wsi finetune -o` run folder or its model/ folder.")],
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP + ".")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: metrics.json, per_image.csv, overlays/.")],
     protocol: Annotated[str, typer.Option(help="standard (whole images) or reference (per-patch averaging, for comparison only).")] = "standard",
     split_file: Annotated[Optional[Path], typer.Option(help="JSON or YAML split file: train, val and test lists of image stems.")] = None,
@@ -314,6 +321,7 @@ def evaluate(
     mpp: Annotated[Optional[float], typer.Option(help="Resolution of the images, um/px (default: the model's data_mpp, else its mpp); they are predicted at the model's mpp and scored at their own.")] = None,
     watershed: Annotated[bool, typer.Option("--watershed", hidden=True, help="Removed: refused with a pointer to --target contour.")] = False,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average each window over its 8 flips and rotations (8x the network's work) [the model's default].")] = None,
 ) -> None:
     """Score a fine-tuned segmentation model on labelled images: Dice, IoU, HD95, AJI, PQ, GlaS scores."""
     from gsd_wsi.cli.progress import ImageProgressBar
@@ -327,7 +335,7 @@ def evaluate(
                               "with the model's recorded post-processing, and still reports the connected "
                               "components as aji_cc, pq_cc, ...")
         config = EvaluateConfig(protocol=protocol, overlap=overlap, mpp=mpp,  # type: ignore[arg-type]
-                                split_file=split_file, subset=subset, batch_size=batch_size)  # type: ignore[arg-type]
+                                split_file=split_file, subset=subset, batch_size=batch_size, tta=tta)  # type: ignore[arg-type]
         with ImageProgressBar(console) as bar:
             result = run_evaluate(data, model, out, config, progress=bar)
     except GsdWsiError as exc:
@@ -350,7 +358,7 @@ def evaluate(
 def cohort(
     slides: Annotated[list[Path], typer.Argument(help="CSV manifests (column path; optional slide_id, mpp, tissue-detection overrides), slide files or folders.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: OUT/<slide_id>/{status.json,tile/,segment/}, cohort_summary.csv, report.html.")],
-    model: Annotated[Optional[Path], typer.Option("--model", help="Fine-tuned model for the segment stage (the `gsd-wsi finetune -o` folder).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="segment: " + MODEL_HELP + " [nuclei].")] = None,
     stages: Annotated[str, typer.Option(help="Stages to run per slide, in order: tile, segment or tile,segment.")] = "tile,segment",
     scheduler: Annotated[str, typer.Option(help="'local' (a LocalCluster of --workers processes) or a dask scheduler address, e.g. tcp://head:8786.")] = "local",
     workers: Annotated[int, typer.Option(help="Local worker processes (slides in parallel).")] = 2,
@@ -373,6 +381,7 @@ def cohort(
     backend: Annotated[str, typer.Option(help="Slide reader: auto, tifffile, openslide, image, tiatoolbox.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Redo finished slides, also those made with another model or settings.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write OUT/report.html.")] = True,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="segment: average each window over its 8 flips and rotations [the model's default].")] = None,
 ) -> None:
     """Many slides through tile and segment on dask.distributed: resumable, failures isolated, with a report."""
     from gsd_wsi.cli.progress import CohortProgressBar
@@ -390,7 +399,7 @@ def cohort(
             tile=TileConfig(mpp=tile_mpp, tile_px=tile_px, min_tissue=min_tissue, stain=stain, tissue=tissue,  # type: ignore[arg-type]
                             backend=backend),
             segment=SegmentConfig(overlap=overlap, batch_size=batch_size, device=device, probabilities=probabilities,  # type: ignore[arg-type]
-                                  min_area_um2=min_area_um2, tissue=tissue, backend=backend),
+                                  min_area_um2=min_area_um2, tissue=tissue, backend=backend, tta=tta),
         )
         result = run_cohort(list(slides), out, model, config, slide_mpp=slide_mpp, progress=CohortProgressBar(console))
     except GsdWsiError as exc:
@@ -410,7 +419,6 @@ def cohort(
 @app.command()
 def segment(
     slides: Annotated[list[Path], typer.Argument(help="Slide files, folders of slides, or CSV manifests (column path; optional slide_id, mpp).")],
-    model: Annotated[Path, typer.Option("--model", help="Fine-tuned model: the `gsd-wsi finetune -o` run folder or its model/ folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: OUT/<slide_id>/mask.ome.zarr, mask.tiff, mask.geojson, overlay.png, summary.json.")],
     overlap: Annotated[float, typer.Option(help="Overlap of neighbouring windows, a fraction of the window.")] = 0.25,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
@@ -422,6 +430,8 @@ def segment(
     thumb_mpp: Annotated[float, typer.Option(help="Resolution of the thumbnail for tissue detection, um/px.")] = 8.0,
     backend: Annotated[str, typer.Option(help="Slide reader: auto, tifffile, openslide, image, tiatoolbox.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace outputs made before (also with another model or settings).")] = False,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average each window over its 8 flips and rotations (8x the network's work) [the model's default].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help=MODEL_HELP + " [nuclei].")] = None,
 ) -> None:
     """Segment whole slides with a fine-tuned model: seamless mask pyramids (OME-Zarr, TIFF) and GeoJSON."""
     from gsd_wsi.cli.progress import TileProgressBars
@@ -432,7 +442,7 @@ def segment(
     try:
         config = SegmentConfig(overlap=overlap, batch_size=batch_size, workers=workers, device=device,  # type: ignore[arg-type]
                                probabilities=probabilities, min_area_um2=min_area_um2,
-                               tissue=TissueConfig(thumb_mpp=thumb_mpp), backend=backend)
+                               tissue=TissueConfig(thumb_mpp=thumb_mpp), backend=backend, tta=tta)
         results = run_segment(list(slides), out, model, config, overwrite=overwrite, slide_mpp=slide_mpp,
                               progress=TileProgressBars(console, unit="windows"))
     except GsdWsiError as exc:
@@ -440,3 +450,27 @@ def segment(
     _print_results(results, out, "segment")
     console.print(f"summary: {out / 'segment_summary.csv'}   per slide: {out}/<slide_id>/", highlight=False)
     _exit_if_failed(results)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models: name, resolution, classes, target, size, licence, validation scores."""
+    from gsd_wsi.zoo import builtin_models
+
+    found = builtin_models()
+    if not found:
+        console.print("no built-in model is installed", highlight=False)
+        return
+    out = Console(width=max(120, Console().width))  # a table, also when piped: never squeezed to 80 columns
+    table = Table(title="built-in models: --model NAME, or the family name (nuclei) for the member that fits "
+                        "each slide's resolution", title_justify="left")
+    for column in ("name", "um/px", "classes", "target", "size", "licence", "validation (Dice / AJI / PQ)"):
+        table.add_column(column, no_wrap=True)
+    for model in found:
+        scores = " / ".join(f"{model.validation[k]:.3f}" if isinstance(model.validation.get(k), (int, float)) else "-"
+                            for k in ("dice", "aji", "pq"))
+        table.add_row(model.name, f"{model.mpp:g}", ", ".join(model.classes[1:2]), model.target,
+                      f"{model.size_bytes / 1e6:.1f} MB", model.licence, scores)
+    out.print(table)
+    out.print("The weights' licence is their own, apart from the code's Apache-2.0; the model card is "
+              "docs/models.md.", highlight=False)

@@ -199,15 +199,18 @@ def stage_hash(stage: str, item: SlideInput, config: CohortConfig, model_digest:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _check_model(model: Path | None, config: CohortConfig) -> tuple[Path | None, str | None]:
+def _check_model(model: str | Path | None, config: CohortConfig) -> tuple[Path | str | None, str | None]:
+    """The segment stage's model (a resolved folder, or a built-in name; None: the built-in
+    nuclei model) and its digest; refuses anything but a segmentation model."""
     if "segment" not in config.stages:
         return None, None
-    if model is None:
-        raise ConfigError("the segment stage needs --model (the folder `gsd-wsi finetune -o` wrote)")
-    from gsd_wsi.stages.segment_model import load_segmentation_model
+    from gsd_wsi.stages.segment_model import ModelChoice
+    from gsd_wsi.zoo import DEFAULT_FAMILY
 
-    loaded = load_segmentation_model(model, device="cpu")  # refuses anything but a segmentation model
-    return loaded.folder.resolve(), loaded.digest
+    choice = ModelChoice(DEFAULT_FAMILY if model is None else model, device="cpu")
+    if choice.builtin is not None:
+        return choice.builtin, choice.digest
+    return choice.for_mpp(None).folder.resolve(), choice.digest
 
 
 def _check_previous(out_dir: Path, inputs: list[SlideInput], hashes: dict[tuple[str, str], str],
@@ -315,11 +318,15 @@ def run_cohort(sources: Sequence[str | Path], out_dir: str | Path, model: str | 
     except OSError as exc:
         raise OutputError(f"cannot create the output folder {out_dir} ({exc.strerror}); choose another with -o") from exc
     inputs = cohort_inputs(sources, out_dir, slide_mpp)
-    model_dir, model_digest = _check_model(Path(model) if model is not None else None, config)
-    hashes = {(i.slide_id, s): stage_hash(s, i, config, model_digest) for i in inputs for s in config.ordered_stages}
+    model_dir, model_digest = _check_model(model, config)
+    # a manifest's ``model`` column: that slide's own model, checked like --model
+    own = {spec: _check_model(spec, config) for spec in sorted({i.model for i in inputs if i.model})}
+    models = {i.slide_id: own[i.model] if i.model else (model_dir, model_digest) for i in inputs}
+    hashes = {(i.slide_id, s): stage_hash(s, i, config, models[i.slide_id][1]) for i in inputs
+              for s in config.ordered_stages}
     _check_previous(out_dir, inputs, hashes, config)
 
-    run = _Run(out_dir.resolve(), inputs, hashes, config, model_dir, progress)
+    run = _Run(out_dir.resolve(), inputs, hashes, config, {k: ref for k, (ref, _) in models.items()}, progress)
     with dask_client(config) as client:
         dashboard = _dashboard(client, config.scheduler == "local")
         if dashboard:
@@ -340,9 +347,9 @@ class _Run:
     """The client's side of one run: submits each slide's stages in order, records results."""
 
     def __init__(self, out_dir: Path, inputs: list[SlideInput], hashes: dict[tuple[str, str], str],
-                 config: CohortConfig, model_dir: Path | None, progress: CohortProgress) -> None:
+                 config: CohortConfig, models: dict[str, Path | str | None], progress: CohortProgress) -> None:
         self.out_dir, self.inputs, self.hashes, self.config = out_dir, inputs, hashes, config
-        self.model_dir, self.progress = model_dir, progress
+        self.models, self.progress = models, progress  # slide id -> its model (a folder or built-in name)
         self.stages = config.ordered_stages
         self.records: dict[str, dict[str, StageRecord]] = {i.slide_id: {} for i in inputs}
         self.busy_rounds: dict[tuple[str, str], int] = {}
@@ -356,7 +363,7 @@ class _Run:
 
     def job(self, item: SlideInput, stage: str, wait_s: float = 0.0) -> StageJob:
         return StageJob(item, stage, self.out_dir, self.hashes[(item.slide_id, stage)], self.config.tile,  # type: ignore[arg-type]
-                        self.config.segment, self.model_dir, self.config.overwrite, self.config.timeout_per_slide_s,
+                        self.config.segment, self.models[item.slide_id], self.config.overwrite, self.config.timeout_per_slide_s,
                         self.config.stale_lock_s, self.torch_threads, self.fill_threads, wait_s)
 
     def submit(self, client: Any, item: SlideInput, stage: str, wait_s: float = 0.0) -> Any:
@@ -485,7 +492,7 @@ def write_summary(result: CohortResult) -> Path:
     return result.summary_path
 
 
-def write_cohort_report(result: CohortResult, config: CohortConfig, model_dir: Path | None) -> Path:
+def write_cohort_report(result: CohortResult, config: CohortConfig, model_dir: Path | str | None) -> Path:
     """``report.html``: a row per slide with its overlay, areas, times and errors, and plots."""
     from gsd_wsi.report import ReportRow, write_report
 

@@ -52,7 +52,7 @@ class StageJob:
     settings_hash: str
     tile: TileConfig
     segment: SegmentConfig
-    model_dir: Path | None
+    model_dir: Path | str | None       # a model folder or a built-in model's name
     overwrite: bool = False
     timeout_s: float | None = None     # per slide and stage; checked between batches
     stale_lock_s: float = 6 * 3600.0
@@ -189,7 +189,7 @@ def _run_segment(job: StageJob) -> tuple[str, dict[str, Any]]:
 
     assert job.model_dir is not None
     _set_torch_threads(job.torch_threads)
-    model = _model(job.model_dir, job.segment.device)
+    model = _model(job.model_dir, job.segment.device, job.segment.tta)
     config = dataclasses.replace(job.segment, tissue=job.slide.tissue_config(job.segment.tissue))
     result = segment_slide(job.slide.path, model, job.slide_dir, config, job.slide.slide_id, job.slide.mpp,
                            job.overwrite, progress=_Deadline(job.slide.slide_id, job.timeout_s),
@@ -202,13 +202,15 @@ _STAGE_RUNNERS = {"tile": _run_tile, "segment": _run_segment}
 
 
 @functools.lru_cache(maxsize=2)
-def _model(model_dir: Path, device: str):  # noqa: ANN202 (torch stays out of this module's import)
-    """The network, loaded once per worker process and kept for its next slides."""
-    from gsd_wsi.stages.segment_model import load_segmentation_model
+def _model(model_dir: Path | str, device: str, tta: bool | None):  # noqa: ANN202 (torch stays out of this module's import)
+    """The model (a folder's, or a built-in family's member per slide), loaded once per worker
+    process and kept for its next slides."""
+    from gsd_wsi.stages.segment_model import ModelChoice
+    from gsd_wsi.train.ddp import resolve_device
 
     logger.info("worker %d: loading %s on %s", os.getpid(), model_dir, device)
-    model = load_segmentation_model(model_dir, device=device)
-    if not model.on_gpu and "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    model = ModelChoice(model_dir, device=device, tta=tta)
+    if resolve_device(device).type != "cuda" and "MALLOC_TRIM_THRESHOLD_" in os.environ:
         logger.warning("worker %d: MALLOC_TRIM_THRESHOLD_ is set (dask's nanny sets it by default), which makes "
                        "the network about 2x slower on the CPU; start the workers without it (dask config "
                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null)", os.getpid())

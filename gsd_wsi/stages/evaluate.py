@@ -19,7 +19,8 @@ classes ``[background, <object>]``. Every instance metric is also reported on th
 components of the predicted object, suffixed ``_cc`` (``aji_cc``, ``pq_cc``, ...), for
 comparison; for a semantic model both are the same.
 
-Resolution: the images are at ``--mpp``, else at the model's ``data_mpp`` (the resolution
+Resolution: the images are at ``--mpp``, else at the resolution their Aperio XML records
+(``MicronsPerPixel``), else at the model's ``data_mpp`` (the resolution
 of the images it was fine-tuned from), else at the model's ``mpp``. When that differs from the
 model's ``mpp`` by more than 2 % (a `finetune --train-mpp` model), each image is normalised at
 its own resolution, resized (area averaging) to the model's mpp and predicted, and the
@@ -65,6 +66,7 @@ from gsd_wsi.datasets import (
     load_example,
     load_instance_example,
     read_split_file,
+    recorded_mpp,
     resample_example,
 )
 from gsd_wsi.errors import ConfigError, GsdWsiError
@@ -85,6 +87,8 @@ from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.qc import save_png
 from gsd_wsi.stain import normalise_image, recorded_normaliser
 from gsd_wsi.targets import pixel_probabilities
+from gsd_wsi.zoo import builtin_or_path
+from gsd_wsi.train.finetune_config import DATA_MPP_SPREAD
 from gsd_wsi.train.transfer import load_segmentation_network
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,7 @@ class EvaluateConfig:
     split_file: Path | None = None
     subset: Literal["all", "train", "val", "test"] = "all"  # with split_file: which images to score
     batch_size: int = 4
+    tta: bool | None = None  # mean over the 8 flips and rotations; None: the model's default (model.json "tta")
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_LABELS:
@@ -141,9 +146,26 @@ def _select(items: list[LabelledImage], config: EvaluateConfig) -> list[Labelled
     return chosen
 
 
-def image_resolution(config: EvaluateConfig, info: dict[str, Any]) -> tuple[float | None, str | None]:
-    """The images' mpp and where it came from: --mpp, else the model's data_mpp, else the model's mpp."""
-    for value, source in ((config.mpp, "--mpp"), (info.get("data_mpp"), "model data_mpp"), (info.get("mpp"), "model mpp")):
+def recorded_resolution(items: list[LabelledImage]) -> float | None:
+    """The resolution the images record themselves (Aperio XML ``MicronsPerPixel``): their median
+    when every image that records one is within 5 % of it (MoNuSeg's XML say 0.2456 to 0.2527
+    for one "40x"), else None (logged)."""
+    values = [mpp for mpp in (recorded_mpp(item) for item in items) if mpp is not None]
+    if not values:
+        return None
+    median = float(np.median(values))
+    if not all(abs(value - median) <= DATA_MPP_SPREAD * median for value in values):
+        log.warning("the images record different resolutions (%.4g to %.4g um/px); give --mpp", min(values), max(values))
+        return None
+    return median
+
+
+def image_resolution(config: EvaluateConfig, info: dict[str, Any],
+                     recorded: float | None = None) -> tuple[float | None, str | None]:
+    """The images' mpp and where it came from: --mpp, else what the images record (their XML),
+    else the model's data_mpp, else the model's mpp."""
+    for value, source in ((config.mpp, "--mpp"), (recorded, "the images' XML"), (info.get("data_mpp"), "model data_mpp"),
+                          (info.get("mpp"), "model mpp")):
         if value is not None:
             return float(value), source
     return None, None
@@ -265,7 +287,12 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
 
     ``progress(done, total, name)`` is called after each image when given.
     """
-    data_dir, model_dir, out_dir = Path(data_dir), Path(model_dir), Path(out_dir)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    items, problems = discover(data_dir)
+    items = _select(items, config)
+    recorded = recorded_resolution(items)
+    # a built-in family (``nuclei``) is the member for the images' resolution
+    model_dir = builtin_or_path(model_dir, config.mpp if config.mpp is not None else recorded)
     model, info = load_segmentation_network(model_dir)
     kind, postprocess = recorded_postprocess(info)
     classes = [str(c) for c in info["classes"]]
@@ -274,7 +301,8 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     patch_px, input_range = int(info["patch_px"]), tuple(float(v) for v in info["input_range"])
     normaliser = recorded_normaliser(info.get("stain"))
     model_mpp = info.get("mpp")
-    mpp, mpp_source = image_resolution(config, info)  # the images'
+    tta = bool(info.get("tta", False)) if config.tta is None else config.tta
+    mpp, mpp_source = image_resolution(config, info, recorded)  # the images'
     resampled = mpp is not None and model_mpp is not None and not same_mpp(mpp, model_mpp)
     if kind != "semantic" and config.protocol == "standard" and mpp is None:
         raise ConfigError(f"the {kind} model's post-processing needs the images' resolution for its areas "
@@ -284,8 +312,6 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
         if mpp > model_mpp:
             log.warning("the images (%.4g um/px) are coarser than the model's %.4g um/px: they are upsampled, "
                         "which `segment` refuses", mpp, model_mpp)
-    items, problems = discover(data_dir)
-    items = _select(items, config)
     label = PROTOCOL_LABELS[config.protocol]
     log.info("evaluating %s on %d image(s) of %s, protocol %s", model_dir, len(items), data_dir, label)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +321,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     def probabilities(image: np.ndarray, overlap: float, image_mpp: float | None) -> np.ndarray:
         """(C, H, W) probabilities at the image's size, predicted at the model's mpp."""
         return predict_at_mpp(lambda rgb: predict_probabilities(model, rgb, patch_px, overlap, input_range,
-                                                                config.batch_size, target=kind),
+                                                                config.batch_size, target=kind, tta=tta),
                               image, image_mpp, model_mpp)
 
     def predict(image: np.ndarray, overlap: float, image_mpp: float | None) -> np.ndarray:
@@ -361,7 +387,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
         "classes": classes, "summary": summary, "per_class": per_class, "problems": problems,
         "gsd_wsi_version": __version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-        | {"mpp_used": mpp, "mpp_source": mpp_source, "model_mpp": model_mpp, "resampled": resampled,
+        | {"mpp_used": mpp, "mpp_source": mpp_source, "model_mpp": model_mpp, "resampled": resampled, "tta_used": tta,
            "patch_px": patch_px, "stain": (info.get("stain") or {}).get("method", "none"),
            "target": kind, "postprocess": postprocess.to_dict() if postprocess is not None else None},
     }

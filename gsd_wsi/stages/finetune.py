@@ -77,9 +77,11 @@ from gsd_wsi.train.augment import training_augmentation
 from gsd_wsi.train.ddp import resolve_device
 from gsd_wsi.train.estimate import log_cpu_training_time
 from gsd_wsi.train.finetune_config import DATA_MPP_SPREAD, INPUT_RANGES, FinetuneConfig
+from gsd_wsi.train.lr_schedule import lr_factor
 from gsd_wsi.train.monitor import plot_curves, truncate_metrics
 from gsd_wsi.train.pretrain_loop import TrainProgress
-from gsd_wsi.train.transfer import pretrained_unet_config, segmentation_model_json, segmentation_unet
+from gsd_wsi.train.transfer import (pretrained_folder, pretrained_unet_config, segmentation_model_json,
+                                    segmentation_unet)
 
 logger = logging.getLogger(__name__)
 
@@ -309,7 +311,7 @@ def _check_resume(run_dir: Path, config: FinetuneConfig) -> Path:
 
 
 
-def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConfig, pretrained: Path | None,
+def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConfig, pretrained: Path | str | None,
                  overwrite: bool = False, progress_factory: Callable[[], TrainProgress] | None = None,
                  resume: bool = False) -> Path:
     """Fine-tune (or, with ``pretrained=None``, train from scratch); returns ``RUN/model``.
@@ -325,6 +327,8 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
         raise RunFolderError(f"{run_dir} holds a run; continue it with --resume, choose another -o or use --overwrite")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    if pretrained is not None:  # a built-in model by name: the folder of the member for the model's mpp
+        pretrained = pretrained_folder(pretrained, config.model_mpp)
     if pretrained is None and (config.body_lr_scale != 1.0 or config.freeze_body_epochs):
         raise ConfigError("--body-lr-scale and --freeze-body-epochs treat pretrained weights apart from the new "
                           "head; from scratch (--pretrained none) there are none: leave them at 1 and 0")
@@ -335,7 +339,8 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     if config.use_top_skip is not None:
         base = dataclasses.replace(base, use_top_skip=config.use_top_skip)
     model, provenance = segmentation_unet(pretrained, config.out_classes, base, config.patch_px)
-    model = model.to(device)
+    # channels_last: 1.11x a training step of tiny on a 2-core AVX2 CPU (benchmarks/bench_precision.py)
+    model = model.to(device, memory_format=torch.channels_last)
     splits, problems = _splits(data_dir, config)
     config, data_mpp_source = with_data_mpp(config, splits["train"] + splits["val"])
     resume_from = _check_resume(run_dir, config) if resume else None
@@ -364,6 +369,7 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     # two groups always (the body's may be scaled), so a checkpoint's optimizer state fits any run
     optimizer = torch.optim.Adam([{"params": body, "lr": config.lr * config.body_lr_scale}, {"params": head}],
                                  lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+    base_lrs = [config.lr * config.body_lr_scale, config.lr]  # scaled every step by the schedule (train/lr_schedule.py)
     loss_fn: torch.nn.Module = SegmentationLoss(config.loss, config.ss_variant)
     if config.target == "distance":
         loss_fn = DistanceTargetLoss(loss_fn, DISTANCE_LEVELS)
@@ -393,8 +399,11 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
         model.train()
         started, losses = time.perf_counter(), []
         for x, y in loader:
+            factor = lr_factor(step, total, config.lr_schedule, config.warmup_steps)
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base_lr * factor
             t = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-            loss = loss_fn(model(x.to(device), t), y.to(device))
+            loss = loss_fn(model(x.to(device, memory_format=torch.channels_last), t), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -402,7 +411,8 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
             losses.append(loss.item())
             if progress:
                 progress.update(step, float(np.mean(losses)), len(losses) * config.batch_size / (time.perf_counter() - started))
-        row: dict[str, Any] = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": config.lr,
+        row: dict[str, Any] = {"step": step, "epoch": epoch + 1, "loss": float(np.mean(losses)),
+                               "lr": optimizer.param_groups[-1]["lr"],
                                "img_per_s": round(len(losses) * config.batch_size / (time.perf_counter() - started), 3)}
         last_epoch = epoch + 1 == config.epochs
         if val and ((epoch + 1) % config.val_every == 0 or last_epoch):

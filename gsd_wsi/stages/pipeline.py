@@ -7,7 +7,10 @@ relative to the YAML file; ``--set section.key=value`` overrides any setting.
   and its split file, the defaults of finetune and evaluate; ``slides_from_labelled: train``
   also tiles the images of that subset (never the test images) for pretraining.
 - ``synthetic_slides``: SyntheticSlideSpec fields plus ``slide_id``; drawn into OUT/slides/.
-- ``slides``: existing slide files, folders or CSV manifests; ``slide_mpp`` for files without one.
+- ``slides``: existing slide files, folders or CSV manifests, or mappings with a ``path`` and
+  ``slide_id``, ``mpp``, ``model`` (that slide's segmentation model: a folder or a built-in
+  name such as ``nuclei``) and ``optional`` (a missing file is skipped with a warning);
+  ``slide_mpp`` for files without one.
 - ``cohort``: how slides are run (CohortConfig: scheduler, workers, retries, ...).
 - ``tile``: TileConfig fields plus ``thumb_mpp``; the cohort's tile stage, into OUT/cohort/.
 - ``pretrain``: PretrainConfig fields plus ``nproc``; on the tiles, into OUT/pretrain/.
@@ -17,7 +20,8 @@ relative to the YAML file; ``--set section.key=value`` overrides any setting.
   (``pretrain``: this pipeline's, the default when it has one; ``none``; or a run folder);
   into OUT/finetune/.
 - ``evaluate``: EvaluateConfig fields plus ``data`` (default: finetune's); into OUT/evaluate/.
-- ``segment``: SegmentConfig fields plus ``thumb_mpp`` and ``model`` (default OUT/finetune);
+- ``segment``: SegmentConfig fields plus ``thumb_mpp`` and ``model`` (default OUT/finetune, else the
+  built-in ``nuclei`` model);
   the cohort's segment stage (tile too when the pipeline tiles), with OUT/cohort/report.html.
 
 Finished work is kept: the cohort skips finished slides, a finished pretraining or
@@ -37,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from gsd_wsi.atomic import atomic_write_csv
 from gsd_wsi.config import check_keys, dataclass_from_dict, read_yaml_mapping
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.stages.cohort import CohortConfig, CohortProgress, CohortResult, run_cohort
@@ -44,6 +49,7 @@ from gsd_wsi.stages.segment_config import SegmentConfig
 from gsd_wsi.stages.tile_config import TileConfig
 from gsd_wsi.synthetic import SyntheticSlideSpec, synthetic_truth, write_synthetic_slide
 from gsd_wsi.tissue import TissueConfig
+from gsd_wsi.zoo import DEFAULT_FAMILY
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +117,17 @@ def _relative(path: Path, value: str | Path | None) -> Path | None:
     return None if value is None else (path.parent / value)
 
 
+def _model_ref(path: Path, value: str | Path | None) -> Path | str | None:
+    """A model key's value: a folder relative to the pipeline file, or a built-in model's name
+    (``nuclei``) where no such folder exists."""
+    folder = _relative(path, value)
+    if folder is None or folder.exists():
+        return folder
+    from gsd_wsi.zoo import builtin_name_of
+
+    return builtin_name_of(str(value)) or folder
+
+
 def _tissue(settings: dict[str, Any], base: TissueConfig) -> TissueConfig:
     return TissueConfig(thumb_mpp=float(settings.pop("thumb_mpp"))) if "thumb_mpp" in settings else base
 
@@ -132,8 +149,51 @@ def _cohort_config(path: Path, data: dict[str, Any], stages: tuple[str, ...], ti
                         report_title=f"gsd-wsi {data.get('name', path.stem)}: cohort report", **settings)
 
 
+_SLIDE_ENTRY_KEYS = {"path", "slide_id", "mpp", "model", "optional"}
+
+
+def _slide_entries(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``slides`` list's mapping entries, checked: ``path`` (required), ``slide_id``, ``mpp``,
+    ``model`` (this slide's model: a folder or a built-in name) and ``optional`` (a missing file is
+    skipped with a warning instead of failing the run, for slides that are not always there)."""
+    entries = []
+    for i, entry in enumerate(data.get("slides") or []):
+        if isinstance(entry, dict):
+            check_keys(f"{path}: slides[{i}]", entry, _SLIDE_ENTRY_KEYS)
+            if not entry.get("path"):
+                raise ConfigError(f"{path}: slides[{i}] needs a path")
+            entries.append(entry)
+        elif not isinstance(entry, str):
+            raise ConfigError(f"{path}: slides[{i}] must be a path or a mapping with a path; got {entry!r}")
+    return entries
+
+
+def _entries_manifest(path: Path, entries: list[dict[str, Any]], slides_dir: Path) -> Path | None:
+    """The mapping entries as a CSV manifest in OUT/slides/ (what the slide stages read), the
+    optional ones whose file is missing left out with a warning; None when none is left."""
+    rows = []
+    for entry in entries:
+        slide = path.parent / str(entry["path"])
+        if entry.get("optional") and not slide.exists():
+            logger.warning("%s: optional slide %s is not there; skipped", path, slide)
+            continue
+        model = _model_ref(path, entry.get("model"))
+        rows.append({"path": str(slide.resolve()), "slide_id": entry.get("slide_id") or "",
+                     "mpp": entry.get("mpp") or "",
+                     "model": "" if model is None else str(model.resolve() if isinstance(model, Path) else model)})
+    if not rows:
+        return None
+    slides_dir.mkdir(parents=True, exist_ok=True)
+    manifest = slides_dir / "pipeline_slides.csv"
+    atomic_write_csv(manifest, rows)
+    return manifest
+
+
 def _slide_sources(path: Path, data: dict[str, Any], slides_dir: Path) -> list[str | Path]:
-    sources: list[str | Path] = [path.parent / s for s in data.get("slides") or []]
+    sources: list[str | Path] = [path.parent / s for s in data.get("slides") or [] if isinstance(s, str)]
+    manifest = _entries_manifest(path, _slide_entries(path, data), slides_dir)
+    if manifest is not None:
+        sources.append(manifest)
     if data.get("slides_from_labelled") is not None:
         sources.extend(_labelled_images(path, data, str(data["slides_from_labelled"])))
     for i, entry in enumerate(data.get("synthetic_slides") or []):
@@ -190,7 +250,7 @@ def run_pipeline(path: str | Path, out_dir: str | Path, overrides: Sequence[str]
     if needs_slides and not sources:
         raise ConfigError(f"{path}: no slides; add a 'slides' or 'synthetic_slides' section")
 
-    def cohort(stages: tuple[str, ...], model: Path | None, report: bool) -> CohortResult:
+    def cohort(stages: tuple[str, ...], model: Path | str | None, report: bool) -> CohortResult:
         config = _cohort_config(path, data, stages, tile or TileConfig(), segment[0] if segment else SegmentConfig(),
                                 overwrite)
         return run_cohort(sources, cohort_dir, model, dataclasses.replace(config, report=report), slide_mpp,
@@ -210,9 +270,8 @@ def run_pipeline(path: str | Path, out_dir: str | Path, overrides: Sequence[str]
         result = dataclasses.replace(result, evaluate=_evaluate(path, data, result))
     if segment is not None:
         config, model = segment
-        model_dir = _relative(path, model) if model is not None else result.finetune_dir
-        if model_dir is None:
-            raise ConfigError(f"{path}: segment needs a model: set segment.model, or add a finetune section")
+        # no segment.model: the pipeline's own fine-tuned model, else the built-in nuclei model
+        model_dir = _model_ref(path, model) if model is not None else (result.finetune_dir or DEFAULT_FAMILY)
         stages = ("tile", "segment") if tile is not None else ("segment",)
         result = dataclasses.replace(result, segment=cohort(stages, model_dir, report=True))
     return result
@@ -304,7 +363,8 @@ def _finetune(path: Path, section: dict[str, Any], defaults: dict[str, Any], res
     if data_dir is None:
         raise ConfigError(f"{path}: finetune needs data: set finetune.data, or add a labels section")
     pretrained = pretrained or ("pretrain" if result.pretrain_dir else "none")
-    source = {"none": None, "pretrain": result.pretrain_dir}.get(pretrained.lower(), _relative(path, pretrained))
+    named = {"none": None, "pretrain": result.pretrain_dir}
+    source = named[pretrained.lower()] if pretrained.lower() in named else _model_ref(path, pretrained)
     if pretrained.lower() == "pretrain" and source is None:
         raise ConfigError(f"{path}: finetune.pretrained is 'pretrain' but the pipeline has no pretrain section")
     run_dir = result.out_dir / "finetune"
@@ -323,7 +383,7 @@ def _evaluate_settings(path: Path, data: dict[str, Any]) -> tuple[Any, Path | No
         settings.setdefault("split_file", data["split_file"])
     data_dir = (_relative(path, settings.pop("data", None)) or _relative(path, (data.get("finetune") or {}).get("data"))
                 or _relative(path, data.get("labelled_data")))
-    model = _relative(path, settings.pop("model", None))
+    model = _model_ref(path, settings.pop("model", None))
     if settings.get("split_file") is not None:
         settings["split_file"] = _relative(path, settings["split_file"])
     return dataclass_from_dict(EvaluateConfig, settings, f"{path}: evaluate"), data_dir, model
@@ -348,6 +408,7 @@ def check_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> dict[str,
     _cohort_config(path, data, ("tile",), tile, segment[0] if segment else SegmentConfig(), False)
     for i, entry in enumerate(data.get("synthetic_slides") or []):
         _synthetic_spec(path, i, entry)
+    _slide_entries(path, data)
     if data.get("labels") is not None:
         check_keys(f"{path}: labels", dict(data["labels"]), _LABEL_KEYS)
     if data.get("pretrain") is not None:

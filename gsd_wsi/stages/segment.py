@@ -49,7 +49,8 @@ from gsd_wsi.stain import lut_pays_off
 from gsd_wsi.stages.batch import BatchRun, Status
 from gsd_wsi.stages.segment_instances import InstanceSink
 from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash, tissue_thumb_mpp
-from gsd_wsi.stages.segment_model import SegmentationModel, load_segmentation_model
+from gsd_wsi.stages.segment_model import ModelChoice, SegmentationModel
+from gsd_wsi.zoo import DEFAULT_FAMILY
 from gsd_wsi.stages.segment_windows import MaskFrame, WindowReader, mask_frame, plan_windows
 from gsd_wsi.stitch import BandStitcher, stride_for_overlap
 from gsd_wsi.tissue import check_brightfield, detect_tissue
@@ -198,14 +199,16 @@ def _fit_stains(reader: WindowReader, mask_xy: np.ndarray, own_tissue: np.ndarra
         normaliser.transform(np.zeros((1, 1, 3), np.uint8))
 
 
-def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path, out_dir: str | Path,
+def segment_slide(slide_path: str | Path, model: SegmentationModel | ModelChoice | str | Path, out_dir: str | Path,
                   config: SegmentConfig = SegmentConfig(), slide_id: str | None = None, slide_mpp: float | None = None,
                   overwrite: bool = False, progress: Progress | None = None,
                   slide_dir: Path | None = None) -> SegmentResult:
     """Segment one slide into ``out_dir/<slide_id>/`` (or ``slide_dir`` when given); returns
     its result (raises on failure).
 
-    ``model`` is a loaded :class:`SegmentationModel` or the folder `gsd-wsi finetune` wrote.
+    ``model`` is a loaded :class:`SegmentationModel`, the folder `gsd-wsi finetune` wrote, a
+    built-in model's name (``nuclei``: the member for the slide's resolution, gsd_wsi/zoo) or a
+    :class:`ModelChoice` of one of those.
     A finished output with the same settings hash (model included) is kept (``skipped``); one
     made with another model or other settings is refused unless ``overwrite``.
     """
@@ -213,11 +216,11 @@ def segment_slide(slide_path: str | Path, model: SegmentationModel | str | Path,
     slide_path, out_dir = Path(slide_path), Path(out_dir)
     slide_id = slide_id or default_slide_id(slide_path)
     progress = progress or NullProgress()
-    if not isinstance(model, SegmentationModel):
-        model = load_segmentation_model(model, device=config.device)
-    assert model.mpp is not None
+    choice = model if isinstance(model, ModelChoice) else ModelChoice(model, config.device, config.tta)
     final_dir = Path(slide_dir) if slide_dir is not None else out_dir / slide_id
     with open_slide(slide_path, mpp=slide_mpp, backend=config.backend) as slide:  # type: ignore[arg-type]
+        model = choice.for_mpp(slide.mpp)
+        assert model.mpp is not None
         digest = segment_settings_hash(config, model.digest, slide.mpp, slide_path.stat().st_size)
         existing = read_summary(final_dir)
         if final_dir.exists() and not overwrite:
@@ -401,19 +404,28 @@ def _write_overlay(slide: Slide, thumb: np.ndarray, zarr_path: Path, model: Segm
     save_png(path, render_overlay(picture, labels, model.mask_classes, colors, instances=instances), text)
 
 
-def run_segment(sources: list[str | Path], out_dir: str | Path, model: str | Path | SegmentationModel,
+def run_segment(sources: list[str | Path], out_dir: str | Path, model: str | Path | SegmentationModel | None,
                 config: SegmentConfig = SegmentConfig(), overwrite: bool = False, slide_mpp: float | None = None,
                 progress: Progress | None = None) -> list[SegmentResult]:
     """Segment every slide in ``sources`` (files, folders, CSV manifests) into ``out_dir``.
 
-    The model is loaded once. Returns one result per input, in input order; a slide's
+    ``model`` None is the built-in nuclei model (the member for each slide's resolution). Each
+    model is loaded once. Returns one result per input, in input order; a slide's
     failure is recorded in its result and in ``OUT/segment_summary.csv``, never raised.
     """
-    loaded = model if isinstance(model, SegmentationModel) else load_segmentation_model(model, device=config.device)
+    choice = ModelChoice(DEFAULT_FAMILY if model is None else model, config.device, config.tta)
     inputs = collect_inputs(list(sources), slide_mpp)
-    logger.info("segmenting %d slide(s) with %s (%s, %g um/px, %d-px windows) on %s", len(inputs), loaded.folder,
-                "/".join(loaded.classes), loaded.mpp, loaded.patch_px, loaded.device)
+    logger.info("segmenting %d slide(s) with %s", len(inputs), choice.describe())
+    own: dict[str, ModelChoice] = {}  # a manifest's model column: that slide's own model, loaded once
+
+    def model_for(item: SlideInput) -> ModelChoice:
+        if item.model is None:
+            return choice
+        if item.model not in own:
+            own[item.model] = ModelChoice(item.model, config.device, config.tta)
+        return own[item.model]
+
     with BatchRun(Path(out_dir), inputs, "segment", SegmentResult.failed, progress) as batch:
-        batch.run_each(lambda item: segment_slide(item.path, loaded, out_dir, config, item.slide_id, item.mpp,
+        batch.run_each(lambda item: segment_slide(item.path, model_for(item), out_dir, config, item.slide_id, item.mpp,
                                                   overwrite, progress))
     return batch.results  # type: ignore[return-value]

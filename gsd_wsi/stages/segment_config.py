@@ -40,6 +40,7 @@ class SegmentConfig:
     chunk_px: int = 512                   # chunk side of the zarr pyramid (a multiple of band_px)
     tiff_tile_px: int = 512
     geojson_chunk_px: int = 2048
+    tta: bool | None = None               # mean over the 8 flips and rotations; None: the model's default
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:

@@ -23,12 +23,14 @@ import torch
 
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.instances import PostprocessConfig, recorded_postprocess
-from gsd_wsi.nn.inference import output_probabilities
+from gsd_wsi.nn.inference import dihedral_mean, output_probabilities
+from gsd_wsi.nn.precision import use_bf16
 from gsd_wsi.nn.unet import UNet
 from gsd_wsi.stain import StainNormalizer, make_normalizer, recorded_normaliser
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.ddp import resolve_device
 from gsd_wsi.train.transfer import load_segmentation_network
+from gsd_wsi.zoo import builtin_for_mpp, builtin_name_of, builtin_or_path, family_members
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ class SegmentationModel:
     digest: str                      # hash of model.json and the weights: what a mask depends on
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     info: dict[str, Any] = field(default_factory=dict)
+    #: Average each window over its 8 flips and rotations (model.json ``"tta"`` by default).
+    tta: bool = False
     #: What the network learnt (model.json ``"target"``): semantic, contour or distance.
     target: str = field(init=False)
     _postprocess: PostprocessConfig | None = field(init=False, repr=False)
@@ -82,7 +86,8 @@ class SegmentationModel:
         return recorded_normaliser(self.stain) or make_normalizer("none")
 
     def to(self, device: torch.device | str) -> SegmentationModel:
-        """Move the network; on CUDA it runs channels_last with bf16 autocast."""
+        """Move the network; on CUDA it runs channels_last, with bf16 autocast there and on CPUs with
+        bf16 units (gsd_wsi/nn/precision.py)."""
         self.device = torch.device(device)
         memory_format = torch.channels_last if self.on_gpu else torch.contiguous_format
         self.network = self.network.to(self.device, memory_format=memory_format).eval()
@@ -111,10 +116,14 @@ class SegmentationModel:
     def forward(self, x: torch.Tensor) -> np.ndarray:
         """The network alone on a prepared input batch (as :meth:`to_input` makes): probabilities
         (a distance model's third channel is its distance map, gsd_wsi/nn/inference.output_probabilities)."""
-        t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.on_gpu):
-            logits = self.network(x, t)
-        return output_probabilities(logits, self.target).cpu().numpy()
+        bf16 = use_bf16("auto", self.device)
+
+        def network(batch: torch.Tensor) -> torch.Tensor:
+            t = torch.zeros(batch.shape[0], dtype=torch.long, device=batch.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                return output_probabilities(self.network(batch, t), self.target)
+
+        return (dihedral_mean(network, x) if self.tta else network(x)).cpu().numpy()
 
 
 def model_digest(folder: Path) -> str:
@@ -127,8 +136,11 @@ def model_digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def model_folder(path: Path) -> Path:
-    """``RUN/model`` of a fine-tuning run folder, or the checkpoint folder itself."""
+def model_folder(path: str | Path, mpp: float | None = None) -> Path:
+    """``RUN/model`` of a fine-tuning run folder, the checkpoint folder itself, or the folder of
+    a built-in model named ``path`` (a family's member for images at ``mpp``, gsd_wsi/zoo)."""
+    if builtin_name_of(path) is not None:
+        return builtin_or_path(path, mpp)
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"--model {path}: no such folder; give the folder `gsd-wsi finetune -o` wrote")
@@ -140,14 +152,64 @@ def model_folder(path: Path) -> Path:
     return folder
 
 
-def load_segmentation_model(path: str | Path, device: str | torch.device = "cpu") -> SegmentationModel:
+class ModelChoice:
+    """What slides are segmented with: one model folder, or a built-in family whose member is
+    picked by each slide's resolution (gsd_wsi/zoo); every model is loaded once, on first use.
+
+    ``spec`` is a folder, a built-in name (``nuclei``, ``nuclei-40x``) or a loaded model.
+    A bad folder or an unknown name is refused here, before any slide is read.
+    """
+
+    def __init__(self, spec: str | Path | SegmentationModel, device: str | torch.device = "cpu",
+                 tta: bool | None = None) -> None:
+        self.device, self.tta = device, tta
+        self._loaded: dict[Path, SegmentationModel] = {}
+        self.builtin: str | None = None
+        if isinstance(spec, SegmentationModel):
+            self._fixed: SegmentationModel | None = spec
+        else:
+            self.builtin = builtin_name_of(spec)
+            self._fixed = None if self.builtin else load_segmentation_model(spec, device, tta)
+            if self.builtin:
+                family_members(self.builtin)
+
+    def for_mpp(self, slide_mpp: float | None) -> SegmentationModel:
+        """The model for a slide at ``slide_mpp`` (a fixed model whatever it is)."""
+        if self._fixed is not None:
+            return self._fixed
+        assert self.builtin is not None
+        folder = builtin_for_mpp(self.builtin, slide_mpp).folder
+        if folder not in self._loaded:
+            self._loaded[folder] = load_segmentation_model(folder, self.device, self.tta)
+        return self._loaded[folder]
+
+    @property
+    def digest(self) -> str:
+        """What outputs depend on: the model's digest, or a family's members' together."""
+        if self._fixed is not None:
+            return self._fixed.digest
+        assert self.builtin is not None
+        h = hashlib.sha256("".join(model_digest(m.folder) for m in family_members(self.builtin)).encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> str:
+        if self._fixed is not None:
+            model = self._fixed
+            return f"{model.folder} ({'/'.join(model.classes)}, {model.mpp:g} um/px, {model.patch_px}-px windows)"
+        members = family_members(self.builtin or "")
+        return f"built-in {self.builtin} ({', '.join(f'{m.name} at {m.mpp:g} um/px' for m in members)})"
+
+
+def load_segmentation_model(path: str | Path, device: str | torch.device = "cpu",
+                            tta: bool | None = None) -> SegmentationModel:
     """The fine-tuned model in ``path`` (a `gsd-wsi finetune` run folder or its ``model/``),
-    on ``device`` ("auto", "cpu", "cuda" or a torch device), in eval mode.
+    on ``device`` ("auto", "cpu", "cuda" or a torch device), in eval mode; ``tta`` None takes
+    the model's own default (model.json ``"tta"``, else off).
 
     Refuses, with a message naming the fix, a pretraining run, a folder with missing files
     and a model that records no resolution.
     """
-    folder = model_folder(Path(path))
+    folder = model_folder(path)
     network, info = load_segmentation_network(folder)
     if info.get("mpp") is None:
         raise ConfigError(f"--model {path}: the model records no resolution (mpp), so slides cannot be brought to it; "
@@ -156,6 +218,7 @@ def load_segmentation_model(path: str | Path, device: str | torch.device = "cpu"
         network=network, folder=folder, classes=[str(c) for c in info["classes"]], patch_px=int(info["patch_px"]),
         mpp=float(info["mpp"]), input_range=(float(info["input_range"][0]), float(info["input_range"][1])),
         stain=dict(info.get("stain") or {"method": "none"}), digest=model_digest(folder), info=info,
+        tta=bool(info.get("tta", False)) if tta is None else tta,
     )
     resolved = resolve_device(device) if isinstance(device, str) and device in ("auto", "cpu", "cuda") else torch.device(device)
     return model.to(resolved)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.imageops import same_mpp
 from gsd_wsi.stain import check_stain_options
+from gsd_wsi.train.lr_schedule import LR_SCHEDULES
 from gsd_wsi.targets import boundary_px_at
 
 INPUT_RANGES = {"minus_one_one": (-1.0, 1.0), "zero_one": (0.0, 1.0)}
@@ -44,6 +45,8 @@ class FinetuneConfig:
     loss: Literal["ss+focal", "dice+ce"] = "ss+focal"
     ss_variant: Literal["pixel", "reference"] = "pixel"
     lr: float = 1e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # constant is the method's; cosine decays to 0
+    warmup_steps: int = 0                           # linear warm-up of the learning rate
     adam_beta1: float = 0.5
     adam_beta2: float = 0.999
     input_range: Literal["minus_one_one", "zero_one"] = "minus_one_one"   # zero_one is the reference's
@@ -74,6 +77,12 @@ class FinetuneConfig:
         for name in ("epochs", "batch_size", "crops_per_image", "val_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be at least 0; got {self.warmup_steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive learning rate; got {self.lr}")
         if self.patch_px % 16:
             raise ConfigError(f"--patch-px must be a multiple of 16; got {self.patch_px}")
         for flag, value in (("--mpp", self.mpp), ("--train-mpp", self.train_mpp)):

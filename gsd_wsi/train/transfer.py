@@ -16,13 +16,15 @@ from typing import Any
 from gsd_wsi.errors import ConfigError
 from gsd_wsi.nn.unet import UNet, UNetConfig
 from gsd_wsi.train import checkpoint as ckpt
+from gsd_wsi.zoo import builtin_or_path
 
 logger = logging.getLogger(__name__)
 
 
-def pretrained_folder(path: Path) -> Path:
-    """The checkpoint folder of ``path``: a pretraining run (its ``model/``) or a checkpoint itself."""
-    path = Path(path)
+def pretrained_folder(path: Path, mpp: float | None = None) -> Path:
+    """The checkpoint folder of ``path``: a pretraining run (its ``model/``), a checkpoint itself,
+    or a built-in model by name (a family's member for images at ``mpp``, gsd_wsi/zoo)."""
+    path = builtin_or_path(path, mpp)
     if (path / ckpt.MODEL_JSON).is_file():
         return path
     if (path / "model" / ckpt.MODEL_JSON).is_file():
@@ -63,16 +65,20 @@ def segmentation_unet(pretrained: Path | None, n_classes: int, base_config: UNet
         raise ConfigError(f"{folder}: pretrained on {info['image_size']}-px patches, but fine-tuning asks for "
                           f"{patch_px} px; use --patch-px {info['image_size']}")
     model = UNet(dataclasses.replace(trained, out_channels=n_classes, init=wanted.init))
-    state = {k: v for k, v in ckpt.load_weights(folder, ema=True).items() if not k.startswith(UNet.HEAD_PREFIXES)}
+    # A fine-tuned model with as many outputs (a built-in nuclei model, fine-tuned further on a
+    # lab's own nuclei) keeps its head: it already does the job, and the labels refine it.
+    keep_head = info.get("kind") == SEGMENTATION_KIND and trained.out_channels == n_classes
+    state = {k: v for k, v in ckpt.load_weights(folder, ema=True).items()
+             if keep_head or not k.startswith(UNet.HEAD_PREFIXES)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = set(model.head_parameter_names()) | {k for k in model.state_dict() if k.startswith(UNet.HEAD_PREFIXES)}
     if unexpected or set(missing) - head:
         raise ConfigError(f"{folder}: weights do not fit the U-Net (missing {sorted(set(missing) - head)[:5]}, "
                           f"unexpected {unexpected[:5]}); the checkpoint is damaged or of another version")
-    logger.info("loaded %d pretrained tensors from %s; re-initialised the head (%d tensors)",
-                len(state), folder, len(missing))
+    logger.info("loaded %d pretrained tensors from %s; %s", len(state), folder,
+                "kept its head" if keep_head else f"re-initialised the head ({len(missing)} tensors)")
     return model, {"pretrained": str(folder), "pretrained_step": info.get("step"), "loaded_tensors": len(state),
-                   "reinitialised": sorted(missing)}
+                   "reinitialised": sorted(missing), "builtin": (info.get("builtin") or {}).get("name")}
 
 
 #: ``model.json["kind"]`` of a fine-tuned segmentation network.
