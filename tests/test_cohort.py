@@ -270,8 +270,6 @@ def test_refusals_before_any_work(good_slide: Path, model: Path, pretrained_run:
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="not a fine-tuned segmentation model"):
         run_cohort([good_slide], out, pretrained_run, _config())
-    with pytest.raises(ConfigError, match="needs --model"):
-        run_cohort([good_slide], out, None, _config())
     not_a_model = tmp_path / "pretrain-run"
     not_a_model.mkdir()
     with pytest.raises(ConfigError, match="model.json"):

@@ -50,10 +50,10 @@ from gsd_wsi.stages.batch import BatchRun, Status
 from gsd_wsi.stages.segment_instances import InstanceSink
 from gsd_wsi.stages.segment_config import SegmentConfig, segment_settings_hash, tissue_thumb_mpp
 from gsd_wsi.stages.segment_model import ModelChoice, SegmentationModel
-from gsd_wsi.zoo import DEFAULT_FAMILY
 from gsd_wsi.stages.segment_windows import MaskFrame, WindowReader, mask_frame, plan_windows
 from gsd_wsi.stitch import BandStitcher, stride_for_overlap
 from gsd_wsi.tissue import check_brightfield, detect_tissue
+from gsd_wsi.zoo import DEFAULT_FAMILY
 
 logger = logging.getLogger(__name__)
 
