@@ -38,7 +38,8 @@ def test_family_member_is_the_finest_not_finer_than_the_slide(fake_zoo: Path) ->
     assert zoo.builtin_for_mpp("nuclei", 0.2527).name == "nuclei-40x"
     assert zoo.builtin_for_mpp("nuclei", 0.25).name == "nuclei-40x"       # finer: brought down to 40x
     assert zoo.builtin_for_mpp("nuclei", 0.2465).name == "nuclei-40x"
-    assert zoo.builtin_for_mpp("nuclei", 0.263).name == "nuclei-40x"      # within 5 % of 0.2527
+    assert zoo.builtin_for_mpp("nuclei", 0.257).name == "nuclei-40x"      # within segment's 2 % of 0.2527
+    assert zoo.builtin_for_mpp("nuclei", 0.263).name == "nuclei-20x"
     assert zoo.builtin_for_mpp("nuclei", 0.3).name == "nuclei-20x"        # 40x would upsample it
     assert zoo.builtin_for_mpp("nuclei", 0.499).name == "nuclei-20x"
     assert zoo.builtin_for_mpp("nuclei-40x", 0.5).name == "nuclei-40x"    # a member by name, whatever the slide
@@ -46,7 +47,7 @@ def test_family_member_is_the_finest_not_finer_than_the_slide(fake_zoo: Path) ->
 
 def test_refusals_say_what_would_work(fake_zoo: Path) -> None:
     with pytest.raises(ConfigError, match=r"coarser than every built-in nuclei model .*0\.5 um/px"):
-        zoo.builtin_for_mpp("nuclei", 1.0)
+        zoo.builtin_for_mpp("nuclei", 0.52)
     with pytest.raises(ConfigError, match="resolution is unknown"):
         zoo.builtin_for_mpp("nuclei", None)
     with pytest.raises(ConfigError, match="nuclei, nuclei-40x, nuclei-20x"):

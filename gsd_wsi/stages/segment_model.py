@@ -139,9 +139,7 @@ def model_digest(folder: Path) -> str:
 def model_folder(path: str | Path, mpp: float | None = None) -> Path:
     """``RUN/model`` of a fine-tuning run folder, the checkpoint folder itself, or the folder of
     a built-in model named ``path`` (a family's member for images at ``mpp``, gsd_wsi/zoo)."""
-    if builtin_name_of(path) is not None:
-        return builtin_or_path(path, mpp)
-    path = Path(path)
+    path = builtin_or_path(path, mpp)
     if not path.exists():
         raise ConfigError(f"--model {path}: no such folder; give the folder `gsd-wsi finetune -o` wrote")
     folder = path if (path / ckpt.MODEL_JSON).is_file() else path / "model"

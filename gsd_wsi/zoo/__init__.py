@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from gsd_wsi.errors import ConfigError
+from gsd_wsi.grid import MAX_UPSAMPLE
 
 ZOO_DIR = Path(__file__).resolve().parent
 DEFAULT_FAMILY = "nuclei"
-#: A slide up to this much coarser than a model still counts as at its resolution (MoNuSeg's
-#: 0.2527 um/px "40x" against a scanner's 0.2465, a 20x scan at 0.504 against a 0.5 model).
-MPP_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -54,8 +52,9 @@ class BuiltinModel:
         return dict(self.record.get("validation") or {})
 
     def serves(self, slide_mpp: float) -> bool:
-        """Whether a slide at ``slide_mpp`` can be brought to this model without upsampling."""
-        return slide_mpp <= self.mpp * (1 + MPP_TOLERANCE)
+        """Whether a slide at ``slide_mpp`` can be brought to this model without upsampling: the
+        rule `segment` applies (gsd_wsi/grid.MAX_UPSAMPLE), so a member picked is never refused."""
+        return slide_mpp <= self.mpp * MAX_UPSAMPLE
 
 
 def builtin_models() -> list[BuiltinModel]:
