@@ -6,7 +6,8 @@ columns named as :class:`gsd_wsi.tissue.TissueConfig`'s fields (``thumb_mpp``,
 ``min_object_um2``, ``max_hole_um2``, ``closing_um``, ``remove_pen``; an empty cell keeps
 the run's setting), and a ``model`` column for `segment` and `cohort`: this slide's model, a
 folder (relative to the CSV's folder) or a built-in name such as ``nuclei`` (an empty cell
-keeps the run's ``--model``). Other columns are ignored. Problems with one entry (a missing file, a bad
+keeps the run's ``--model``), and an ``annotations`` column for `finetune` and `evaluate` on
+slides: this slide's QuPath GeoJSON (relative to the CSV's folder). Other columns are ignored. Problems with one entry (a missing file, a bad
 id, two slides with the same id) become failed inputs with a message; they never stop the
 others.
 """
@@ -40,6 +41,7 @@ class SlideInput:
     error: str | None = None      # set when the entry cannot be processed
     tissue: dict[str, Any] = field(default_factory=dict)  # TissueConfig fields that differ for this slide
     model: str | None = None      # this slide's segmentation model (a folder or built-in name); None: the run's
+    annotations: Path | None = None  # this slide's QuPath GeoJSON (finetune, evaluate); None: found by name
 
     def tissue_config(self, base: TissueConfig) -> TissueConfig:
         return dataclasses.replace(base, **self.tissue) if self.tissue else base
@@ -98,7 +100,7 @@ def _model_cell(csv_path: Path, row: dict[str, Any]) -> str | None:
 
 def _manifest_rows(csv_path: Path, reader: csv.DictReader) -> list[SlideInput]:
     if reader.fieldnames is None or "path" not in reader.fieldnames:
-        raise ConfigError(f"{csv_path}: a manifest needs a 'path' column (optional: slide_id, mpp, model, "
+        raise ConfigError(f"{csv_path}: a manifest needs a 'path' column (optional: slide_id, mpp, model, annotations, "
                           f"{', '.join(_TISSUE_COLUMNS)})")
     inputs = []
     for row in reader:
@@ -119,7 +121,12 @@ def _manifest_rows(csv_path: Path, reader: csv.DictReader) -> list[SlideInput]:
             except ValueError:
                 error = error or f"{where}: mpp {mpp_text!r} is not a positive number"
         tissue, tissue_error = _tissue_overrides(row, where)
-        inputs.append(SlideInput(path, slide_id, mpp, error or tissue_error, tissue, _model_cell(csv_path, row)))
+        annotations_text = (row.get("annotations") or "").strip()
+        annotations = None
+        if annotations_text:
+            annotations = Path(annotations_text) if Path(annotations_text).is_absolute() else csv_path.parent / annotations_text
+        inputs.append(SlideInput(path, slide_id, mpp, error or tissue_error, tissue, _model_cell(csv_path, row),
+                                 annotations))
     return inputs
 
 

@@ -27,6 +27,9 @@ from scipy import ndimage as ndi
 from gsd_wsi.errors import ConfigError
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
+#: The label of pixels that carry none (outside every region of interest of annotated slides):
+#: targets keep it, crops carry it, and the losses and scores leave those pixels out.
+IGNORE = -1
 
 
 def boundary_px_at(boundary_um: float, mpp: float) -> float:
@@ -92,6 +95,16 @@ def distance_target(instances: np.ndarray) -> np.ndarray:
         view = target[box]
         view[own] = distance[own] / distance[own].max()
     return target
+
+
+def with_ignored(target: np.ndarray, ignored: np.ndarray) -> np.ndarray:
+    """``target`` (any integer map) as int16 with :data:`IGNORE` where ``ignored``; unchanged
+    (no copy) when nothing is ignored, so labelled images train exactly as before."""
+    if not ignored.any():
+        return target
+    out = target.astype(np.int16)
+    out[ignored] = IGNORE
+    return out
 
 
 def pixel_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:

@@ -118,25 +118,27 @@ def run_gsd_wsi(args: list[str], log_path: Path, threads: int | None = None) -> 
     return time.perf_counter() - started
 
 
-def tile_training_images(args: argparse.Namespace, out: Path) -> Path:
-    split = json.loads(args.split_file.read_text())
+def tile_training_images(args: argparse.Namespace, out: Path, names: list[str] | None = None,
+                         threads: int | None = None, tile_mpp: float = MONUSEG_MPP) -> Path:
+    """``out/tiles``: the unlabelled patches that pretraining learns from (the split's training images by default)."""
+    names = names if names is not None else json.loads(args.split_file.read_text())["train"]
     images = {p.stem: p for p in (args.data / "images").iterdir()}
-    missing = [name for name in split["train"] if name not in images]
+    missing = [name for name in names if name not in images]
     if missing:
         raise SystemExit(f"{args.data / 'images'} lacks {len(missing)} training image(s) of the split, e.g. {missing[0]}")
     manifest = out / "train_images.csv"
     with manifest.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "slide_id", "mpp"])
-        for name in split["train"]:
+        for name in names:
             writer.writerow([images[name].resolve(), name, MONUSEG_MPP])
     tiles = out / "tiles"
-    run_gsd_wsi(["tile", str(manifest), "-o", str(tiles), "--mpp", str(MONUSEG_MPP), "--tile-px", str(args.patch_px),
-             "--stride-px", str(args.patch_px // 2), "--stain", "none"], out / "logs" / "tile.log")
+    run_gsd_wsi(["tile", str(manifest), "-o", str(tiles), "--mpp", str(tile_mpp), "--tile-px", str(args.patch_px),
+             "--stride-px", str(args.patch_px // 2), "--stain", "none"], out / "logs" / "tile.log", threads)
     return tiles
 
 
-def pretrain(args: argparse.Namespace, out: Path, tiles: Path) -> Path:
+def pretrain(args: argparse.Namespace, out: Path, tiles: Path, threads: int | None = None) -> Path:
     run = out / "pretrain"
     if (run / "model").exists():
         log.info("pretraining already finished: %s", run)
@@ -148,7 +150,7 @@ def pretrain(args: argparse.Namespace, out: Path, tiles: Path) -> Path:
                "--sample-every", str(args.pretrain_steps), "--val-every", "250", "--device", args.device]
     if (run / "config.json").exists():
         command.append("--resume")
-    run_gsd_wsi(command, out / "logs" / "pretrain.log")
+    run_gsd_wsi(command, out / "logs" / "pretrain.log", threads)
     return run
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from monuseg_experiment import MONUSEG_MPP, run_gsd_wsi
+from monuseg_experiment import MONUSEG_MPP, pretrain, run_gsd_wsi, tile_training_images
 
 from gsd_wsi import __version__
 
@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, nargs="+", default=[2000, 1500],
                    help="Optimiser steps per resolution, in the order of --resolutions.")
     p.add_argument("--model", default="tiny", help="U-Net size.")
+    p.add_argument("--start", choices=("scratch", "pretrained"), default="scratch",
+                   help="Fine-tune from scratch, or from a `gsd-wsi pretrain` run on the unlabelled pixels of each "
+                        "run's own training images (the split's 24, or all 30; never a test image).")
+    p.add_argument("--pretrain-steps", type=int, default=4000)
+    p.add_argument("--pretrain-batch", type=int, default=8)
+    p.add_argument("--pretrain-lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patch-px", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crops", type=int, default=8, help="Crops per image per epoch.")
@@ -67,21 +74,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Install the model trained on all 30 images (all) or the split run's own (split: "
                         "19 training images, no third run; quicker, weaker).")
     args = p.parse_args(argv)
+    args.init, args.use_top_skip, args.device = "pytorch", False, "auto"  # what monuseg_experiment's pretrain reads
     if len(args.steps) != len(args.resolutions):
         p.error(f"--steps needs one value per resolution ({len(args.resolutions)})")
     return args
 
 
 def recipe(args: argparse.Namespace, resolution: str) -> list[str]:
-    """The finetune options both runs of a resolution share (the recipe of docs/models.md)."""
-    options = ["--pretrained", "none", "--model", args.model, "--patch-px", str(args.patch_px), "--target", "distance",
+    """The finetune options both runs of a resolution share (the recipe of docs/models.md), less the start."""
+    options = ["--patch-px", str(args.patch_px), "--target", "distance",
                "--class-names", "background,nucleus", "--loss", "dice+ce", "--lr", str(args.lr),
                "--lr-schedule", "cosine", "--warmup-steps", str(args.warmup_steps),
                "--crops-per-image", str(args.crops), "--batch-size", str(args.batch_size),
-               "--mpp", str(MONUSEG_MPP), "--seed", "0"]
+               "--mpp", str(MONUSEG_MPP), "--seed", str(args.seed)]
     if TRAIN_MPP[resolution] is not None:
         options += ["--train-mpp", str(TRAIN_MPP[resolution])]
     return options
+
+
+def start_options(args: argparse.Namespace, resolution: str, run: str, names: list[str]) -> list[str]:
+    """``--pretrained``: none, or a pretraining (at the run's resolution) on ``names``, done once per run."""
+    if args.start == "scratch":
+        return ["--pretrained", "none", "--model", args.model]
+    out = args.out / f"pretrain_{run}_{resolution}"
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    if not (out / "pretrain" / "model").exists():
+        tile_training_images(args, out, names, args.threads, TRAIN_MPP[resolution] or MONUSEG_MPP)
+    return ["--pretrained", str(pretrain(args, out, out / "tiles", args.threads))]
 
 
 def epochs_for(steps: int, images: int, args: argparse.Namespace) -> int:
@@ -125,7 +144,9 @@ def install(args: argparse.Namespace, resolution: str, split_dir: Path, shipped_
             "validation": validation, "validation_images": split_info.get("val_instance_images"),
             "own_split_test": test, "postprocess_from": "the validation images of the split run",
             "command": (f"python pipelines/nuclei_model.py --out nuclei-runs --resolutions {resolution} --steps "
-                        f"{dict(zip(args.resolutions, args.steps))[resolution]} --ship {args.ship}"),
+                        f"{dict(zip(args.resolutions, args.steps))[resolution]} --ship {args.ship}"
+                        + (f" --start {args.start}" if args.start != "scratch" else "")
+                        + (f" --seed {args.seed}" if args.seed else "")),
             "gsd_wsi_version": __version__,
         },
     }
@@ -144,13 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {}
+    report_path = args.out / "report.json"  # one report across invocations, one key per resolution
+    report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() else {}
     for resolution, steps in zip(args.resolutions, args.steps):
         started = time.perf_counter()
         options = recipe(args, resolution)
         split_dir, all_dir = args.out / f"split_{resolution}", args.out / f"all_{resolution}"
         split_epochs = epochs_for(steps, round(SPLIT_TRAIN_IMAGES * (1 - VAL_FRACTION)), args)
-        finetune(args, split_dir, [*options, "--split-file", str(args.split_file), "--epochs", str(split_epochs),
+        split_names = json.loads(args.split_file.read_text())["train"]
+        finetune(args, split_dir, [*start_options(args, resolution, "split", split_names), *options,
+                                   "--split-file", str(args.split_file), "--epochs", str(split_epochs),
                                    "--val-every", str(max(1, split_epochs // 7))], f"finetune_split_{resolution}")
         test = {"no_tta": evaluate(args, split_dir, args.out / f"eval_split_{resolution}", tta=False),
                 "tta": evaluate(args, split_dir, args.out / f"eval_split_{resolution}_tta", tta=True)}
@@ -160,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
             tta = (val[True]["aji"] + val[True]["pq"]) > (val[False]["aji"] + val[False]["pq"])
             report[f"validation_{resolution}"] = {"no_tta": val[False], "tta": val[True]}
         if args.ship == "all":
-            finetune(args, all_dir, [*options, "--val-fraction", "0", "--epochs",
+            all_names = sorted(p.stem for p in (args.data / "images").iterdir())
+            finetune(args, all_dir, [*start_options(args, resolution, "all", all_names), *options,
+                                     "--val-fraction", "0", "--epochs",
                                      str(epochs_for(steps, ALL_IMAGES, args))], f"finetune_all_{resolution}")
         report[resolution] = {"test": test, "tta_default": tta, "wall_s": round(time.perf_counter() - started)}
         if args.install:
@@ -168,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                                                           all_dir if args.ship == "all" else split_dir,
                                                           test["tta" if tta else "no_tta"], tta))
         log.info("%s: %s", resolution, json.dumps(report[resolution]))
-    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def evaluate_validation(args: argparse.Namespace, split_dir: Path, tta: bool) -> dict[str, Any]:

@@ -190,8 +190,9 @@ def test_train_mpp_resamples_before_cropping_and_records_both_resolutions(tmp_pa
     assert "val_dice" in rows[-1]  # validated at the images' own resolution, as evaluate does
     config = FinetuneConfig(**FAST | {"mpp": 0.25, "train_mpp": 0.5})
     items = discover(data)[0][:2]
-    for image, label in _load(items, config, None, config.train_mpp):
+    for image, label, ignored in _load(items, config, None, config.train_mpp):
         assert image.shape == (32, 32, 3) and label.shape == (32, 32) and set(np.unique(label)) <= {0, 1}
+        assert ignored is None
     assert [e[0].shape for e in _load(items, config, None)] == [(64, 64, 3)] * 2  # validation: untouched
 
 
@@ -282,7 +283,8 @@ def test_contour_target_trains_three_classes_and_records_the_target(tmp_path: Pa
     assert saved["target"] == "contour" and saved["boundary_um"] == 0.5
     # the training labels: the mask's instance ids made into interior / boundary, the pairs kept apart
     config = FinetuneConfig(**FAST | {"mpp": 0.25, "target": "contour", "boundary_um": 0.5})
-    image, instances = _load(discover(data)[0][:1], config, None)[0]
+    image, instances, ignored = _load(discover(data)[0][:1], config, None)[0]
+    assert ignored is None  # labelled images label every pixel
     assert set(np.unique(instances)) == {0, 1, 2, 3, 4}
     assert set(np.unique(contour_target(instances, config.boundary_px))) == {0, 1, 2}
 
@@ -331,7 +333,7 @@ def test_post_processing_is_tuned_on_true_instances_only(tmp_path: Path) -> None
     items = discover(data)[0]
     config = FinetuneConfig(**FAST | {"mpp": 0.25, "target": "contour"})
     picked = tuning_examples(items, config, None)
-    assert len(picked) == len(items) - 1 and all(instances.max() == 4 for _, instances in picked)
+    assert len(picked) == len(items) - 1 and all(instances.max() == 4 and ignored is None for _, instances, ignored in picked)
     only_binary = [item for item in items if item.name == "im0"]
     assert len(tuning_examples(only_binary, config, None)) == 1  # none true: the components, with a warning
     assert tuning_examples(items, FinetuneConfig(**FAST | {"classes": 3}), None) == []

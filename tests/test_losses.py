@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from gsd_wsi.errors import ConfigError
-from gsd_wsi.nn.losses import SegmentationLoss, focal_loss, structural_similarity_loss
+from gsd_wsi.nn.losses import (DistanceTargetLoss, SegmentationLoss, focal_loss, masked_dice_ce,
+                               structural_similarity_loss)
+from gsd_wsi.targets import IGNORE
 
 
 def _batch(seed: int = 0, n_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,3 +112,33 @@ def test_bad_names_and_labels() -> None:
         structural_similarity_loss(logits, target, "other")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="labels"):
         focal_loss(logits, target + 3)
+
+
+@pytest.mark.parametrize("name", ["dice+ce", "ss+focal", "distance"])
+def test_ignored_pixels_never_change_the_loss_or_its_gradient(name: str) -> None:
+    """Pixels labelled IGNORE (outside every region of interest) may hold anything: loss and
+    gradient elsewhere stay the same, and no gradient reaches them."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 24, 24)
+    target = torch.randint(0, 255 if name == "distance" else 3, (2, 24, 24))
+    target[:, :, :8] = IGNORE
+    loss_fn = (DistanceTargetLoss(SegmentationLoss("dice+ce")) if name == "distance"
+               else SegmentationLoss(name))  # type: ignore[arg-type]
+    perturbed = logits.clone()
+    perturbed[..., :8] += 10 * torch.randn_like(perturbed[..., :8])
+    values, grads = [], []
+    for start in (logits, perturbed):
+        x = start.clone().requires_grad_()
+        loss = loss_fn(x, target)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(x.grad)
+    assert values[0] == pytest.approx(values[1], abs=1e-6)
+    assert torch.allclose(grads[0][..., 8:], grads[1][..., 8:], atol=1e-7)
+    assert grads[0][..., :8].abs().max() == 0
+
+
+def test_masked_dice_ce_is_monai_dice_ce_when_nothing_is_ignored() -> None:
+    torch.manual_seed(1)
+    logits, target = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))
+    assert masked_dice_ce(logits, target).item() == pytest.approx(SegmentationLoss("dice+ce")(logits, target).item(), abs=1e-6)

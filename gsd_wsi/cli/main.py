@@ -165,7 +165,7 @@ def run(
 
 @app.command()
 def finetune(
-    data: Annotated[Path, typer.Argument(help="Labelled images: images/ + masks/, MoNuSeg .tif + .xml, or GlaS .bmp.")],
+    data: Annotated[list[Path], typer.Argument(help="Labelled images (a folder: images/ + masks/, MoNuSeg .tif + .xml, or GlaS .bmp), or slides with QuPath annotations (files, folders, CSV manifests with an annotations column).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: model/, metrics, curves.")],
     pretrained: Annotated[str, typer.Option(help="A `gsd-wsi pretrain` run folder, a fine-tuned model (a folder, or a built-in such as nuclei: its head is kept when the outputs match), or none to train from scratch.")],
     classes: Annotated[int, typer.Option(help="Number of classes, background included.")] = 2,
@@ -198,6 +198,9 @@ def finetune(
     use_top_skip: Annotated[Optional[bool], typer.Option("--use-top-skip/--no-top-skip", help="Use the first level's skip [the pretrained run's; no from scratch].")] = None,
     body_lr_scale: Annotated[float, typer.Option(help="The pretrained body's learning rate as a fraction of --lr (the new head gets --lr) [1.0].")] = 1.0,
     freeze_body_epochs: Annotated[int, typer.Option(help="Train the new head alone for this many epochs before the whole network [0].")] = 0,
+    annotations: Annotated[Optional[Path], typer.Option(help="Slides' QuPath GeoJSON: one file for one slide, or a folder of <slide>.geojson [a manifest's annotations column, else <slide>.geojson beside each slide].")] = None,
+    roi_class: Annotated[str, typer.Option(help="Annotated slides: the class of areas labelled exhaustively (inside, what no object covers is background; outside every area, nothing is labelled).")] = "Region*",
+    ignore_class: Annotated[str, typer.Option(help="Annotated slides: the class of areas left out of training.")] = "Ignore*",
     overwrite: Annotated[bool, typer.Option(help="Replace the run in OUT.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in OUT from its last checkpoint (the run's settings).")] = False,
 ) -> None:
@@ -213,11 +216,12 @@ def finetune(
             input_range=input_range, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, mpp=mpp,  # type: ignore[arg-type]
             train_mpp=train_mpp, stain=stain, stain_target=stain_target, split_file=split_file, seed=seed, num_workers=num_workers,  # type: ignore[arg-type]
             device=device, target=target, boundary_um=boundary_um, use_top_skip=use_top_skip,  # type: ignore[arg-type]
-            body_lr_scale=body_lr_scale, freeze_body_epochs=freeze_body_epochs,
+            body_lr_scale=body_lr_scale, freeze_body_epochs=freeze_body_epochs, roi_class=roi_class,
+            ignore_class=ignore_class,
         )
         source = None if pretrained.lower() == "none" else Path(pretrained)
-        model_dir = run_finetune(data, out, config, source, overwrite=overwrite, progress_factory=TrainProgressBars,
-                                 resume=resume)
+        model_dir = run_finetune(list(data), out, config, source, overwrite=overwrite, progress_factory=TrainProgressBars,
+                                 resume=resume, annotations=annotations)
     except GsdWsiError as exc:
         raise _fail(exc) from exc
     console.print(f"segmentation model: {model_dir}   curves: {out / 'curves.png'}", highlight=False)

@@ -60,8 +60,8 @@ import numpy as np
 import torch
 
 from gsd_wsi import __version__
-from gsd_wsi.datasets import (LabelledImage, discover, label_subset, load_example, load_instance_example,
-                              read_split_file, recorded_mpp, resample_example, split_from_file)
+from gsd_wsi.datasets import (DatasetError, LabelledImage, discover, label_subset, load_example,
+                              load_instance_example, read_split_file, recorded_mpp, resample_example, split_from_file)
 from gsd_wsi.errors import ConfigError, RunFolderError, StainError
 from gsd_wsi.imageops import predict_at_mpp
 from gsd_wsi.instances import tune_postprocess
@@ -71,7 +71,10 @@ from gsd_wsi.nn.losses import DistanceTargetLoss, SegmentationLoss
 from gsd_wsi.nn.unet import unet_config
 from gsd_wsi.slide.image_backend import read_plain_image
 from gsd_wsi.stain import StainNormalizer, make_normalizer, normalise_image
-from gsd_wsi.targets import DISTANCE_LEVELS, contour_target, distance_label, pixel_probabilities
+from gsd_wsi.stages.finetune_slides import AreaItem, SlideData, is_slide_input, load_slide_data, slide_splits
+from gsd_wsi.stages.labelled_slides import normalise_areas
+from gsd_wsi.targets import (DISTANCE_LEVELS, IGNORE, contour_target, distance_label, pixel_probabilities,
+                             with_ignored)
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.augment import training_augmentation
 from gsd_wsi.train.ddp import resolve_device
@@ -86,23 +89,38 @@ from gsd_wsi.train.transfer import (pretrained_folder, pretrained_unet_config, s
 logger = logging.getLogger(__name__)
 
 class CropDataset(torch.utils.data.Dataset):
-    """Random ``patch_px`` crops of whole labelled images, augmented; images padded if smaller."""
+    """Random ``patch_px`` crops of whole labelled images, augmented; images padded if smaller.
 
-    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig) -> None:
+    An example whose label holds :data:`IGNORE` pixels (an annotated slide's area) is cropped
+    around a labelled pixel drawn at random, so that no crop is all unlabelled. ``weights``
+    (default 1 each) is how many images' worth of crops an example gives per epoch.
+    """
+
+    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
+                 weights: list[int] | None = None) -> None:
         size = config.patch_px
         self.examples = [_pad_to(image, label, size) for image, label in examples]
+        self.centres = [_labelled_centres(label) for _, label in self.examples]
+        self.order = np.repeat(np.arange(len(self.examples)), weights if weights is not None else 1)
         self.size, self.crops = size, config.crops_per_image
         self.low, self.high = INPUT_RANGES[config.input_range]
         self.augment = training_augmentation(size, seed=config.seed)
         self.rng = np.random.default_rng(config.seed)
 
     def __len__(self) -> int:
-        return len(self.examples) * self.crops
+        return len(self.order) * self.crops
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, label = self.examples[index % len(self.examples)]
-        y0 = int(self.rng.integers(0, image.shape[0] - self.size + 1))
-        x0 = int(self.rng.integers(0, image.shape[1] - self.size + 1))
+        which = int(self.order[index % len(self.order)])
+        image, label = self.examples[which]
+        centres = self.centres[which]
+        if centres is None:
+            y0 = int(self.rng.integers(0, image.shape[0] - self.size + 1))
+            x0 = int(self.rng.integers(0, image.shape[1] - self.size + 1))
+        else:
+            cy, cx = divmod(int(centres[self.rng.integers(len(centres))]), image.shape[1])
+            y0 = min(max(cy - self.size // 2, 0), image.shape[0] - self.size)
+            x0 = min(max(cx - self.size // 2, 0), image.shape[1] - self.size)
         crop = {"image": torch.from_numpy(image[y0:y0 + self.size, x0:x0 + self.size].transpose(2, 0, 1) / 255.0).float(),
                 "label": torch.from_numpy(label[None, y0:y0 + self.size, x0:x0 + self.size].copy())}
         out = self.augment(crop)
@@ -110,12 +128,46 @@ class CropDataset(torch.utils.data.Dataset):
         return x, torch.as_tensor(out["label"])[0].long()
 
 
+MAX_CENTRES = 1_000_000  # labelled pixels kept as crop centres per example (evenly spaced)
+
+
 def _pad_to(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reflected up to ``size``; a label with ignored pixels is padded with more of them."""
     pad_y, pad_x = max(0, size - image.shape[0]), max(0, size - image.shape[1])
     if pad_y or pad_x:
         image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect")
-        label = np.pad(label, ((0, pad_y), (0, pad_x)), mode="reflect")
+        if (label == IGNORE).any():
+            label = np.pad(label, ((0, pad_y), (0, pad_x)), constant_values=IGNORE)
+        else:
+            label = np.pad(label, ((0, pad_y), (0, pad_x)), mode="reflect")
     return image, label
+
+
+def _labelled_centres(label: np.ndarray) -> np.ndarray | None:
+    """Flat indices of the labelled pixels (at most ``MAX_CENTRES``), or None when all are labelled."""
+    labelled = label.ravel() != IGNORE
+    if labelled.all():
+        return None
+    centres = np.flatnonzero(labelled)
+    if len(centres) == 0:
+        raise DatasetError("a training area has no labelled pixel")
+    return centres[:: max(1, -(-len(centres) // MAX_CENTRES))]
+
+
+AREA_UNIT_PX = 1_000_000  # an annotated area gives one image's crops per this many labelled pixels
+
+
+def area_weights(items: list[Any]) -> list[int] | None:
+    """Crops per epoch of each item, in images' worth: one per ``AREA_UNIT_PX`` labelled pixels
+    (a 40x MoNuSeg image) and at least one for an annotated area; None when all are images."""
+    if not any(isinstance(item, AreaItem) for item in items):
+        return None
+    return [max(1, round(int(item.area.labelled.sum()) / AREA_UNIT_PX)) if isinstance(item, AreaItem) else 1
+            for item in items]
+
+
+def _ignoring(target: np.ndarray, ignored: np.ndarray | None) -> np.ndarray:
+    return target if ignored is None else with_ignored(target, ignored)
 
 
 def _worker_seed(worker_id: int) -> None:
@@ -174,12 +226,23 @@ def with_data_mpp(config: FinetuneConfig, items: list[LabelledImage]) -> tuple[F
     return dataclasses.replace(config, mpp=mpp), f"recorded in the annotations (median of {low}-{high})"
 
 
-def _load(items: list[LabelledImage], config: FinetuneConfig, normaliser: StainNormalizer | None,
-          to_mpp: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+Example = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # image, label, ignored pixels (None: none)
+
+
+def _load(items: list[Any], config: FinetuneConfig, normaliser: StainNormalizer | None,
+          to_mpp: float | None = None) -> list[Example]:
     """Images and semantic masks (instance maps for an instance target), normalised at their own
-    resolution, then brought to ``to_mpp`` if given."""
-    examples, sources = [], Counter()
+    resolution, then brought to ``to_mpp`` if given, with the pixels that carry no label. Areas
+    of annotated slides come at the model's resolution, normalised per slide already."""
+    examples: list[Example] = []
+    sources: Counter[str] = Counter()
     for item in items:
+        if isinstance(item, AreaItem):
+            area = item.area
+            ignored = ~area.labelled
+            examples.append((area.image, area.classes if config.target == "semantic" else area.instances,
+                             ignored if ignored.any() else None))
+            continue
         if config.target == "semantic":
             image, label = load_example(item, config.classes)[:2]
         else:
@@ -193,7 +256,7 @@ def _load(items: list[LabelledImage], config: FinetuneConfig, normaliser: StainN
         if to_mpp is not None:
             assert config.mpp is not None, "with_data_mpp sets mpp wherever train_mpp is set"
             image, label, _ = resample_example((image, label, None), config.mpp, to_mpp)
-        examples.append((image, label))
+        examples.append((image, label, None))
     if sources["mask connected components"]:
         logger.warning("%d of %d images have only a binary mask: their instances are its connected components, so "
                        "touching objects stay merged in the %s target (Aperio XML or instance ids keep them apart)",
@@ -214,7 +277,17 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, config: FinetuneCon
     return predict_at_mpp(predict, image, config.mpp, config.model_mpp)
 
 
-def tuned_postprocess(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
+def _outside_as_background(probabilities: np.ndarray, ignored: np.ndarray | None) -> np.ndarray:
+    """(C, H, W) probabilities with every ignored pixel certain background (no object, distance 0)."""
+    if ignored is None:
+        return probabilities
+    out = probabilities.copy()
+    out[:, ignored] = 0.0
+    out[0, ignored] = 1.0
+    return out
+
+
+def tuned_postprocess(model: torch.nn.Module, examples: list[Example], config: FinetuneConfig,
                       device: torch.device) -> tuple[dict[str, Any], dict[str, float]] | None:
     """model.json ``"postprocess"``, the instance post-processing tuned on ``examples`` (validation
     images and their true instances, :func:`tuning_examples`), and their mean AJI and PQ with it; None
@@ -222,21 +295,25 @@ def tuned_postprocess(model: torch.nn.Module, examples: list[tuple[np.ndarray, n
     are in um^2; a contour target always has it)."""
     if not examples or (config.target == "semantic" and config.classes != 2) or config.mpp is None:
         return None
-    pairs = [(predict_image(model, image, config, device), instances) for image, instances in examples]
+    pairs = [(_outside_as_background(predict_image(model, image, config, device), ignored), instances)
+             for image, instances, ignored in examples]
     tuned, scores = tune_postprocess(pairs, kind=config.target, mpp=config.mpp)  # validation images at mpp
     return tuned.to_dict(), scores
 
 
-def tuning_examples(items: list[LabelledImage], config: FinetuneConfig,
-                    normaliser: StainNormalizer | None) -> list[tuple[np.ndarray, np.ndarray]]:
+def tuning_examples(items: list[Any], config: FinetuneConfig, normaliser: StainNormalizer | None) -> list[Example]:
     """(image, instances) of the validation images whose instances are true ones (Aperio XML, an
     instance image or instance ids), at their own resolution, normalised as in training.
 
     Connected components of a binary mask keep touching nuclei merged: thresholds tuned on
     them would learn to merge too. Only when no image has true instances are they used (logged).
+    Annotated areas give their instances (objects are drawn one by one) and their unlabelled pixels.
     """
     if not items or (config.target == "semantic" and config.classes != 2):
         return []
+    if isinstance(items[0], AreaItem):
+        return [(i.area.image, np.where(i.area.labelled, i.area.instances, 0), None if i.area.labelled.all()
+                 else ~i.area.labelled) for i in items]
     loaded = [load_instance_example(item) for item in items]
     true = [(image, instances) for image, instances, source in loaded if source != "mask connected components"]
     if not true:
@@ -248,23 +325,27 @@ def tuning_examples(items: list[LabelledImage], config: FinetuneConfig,
                     len(loaded))
     if normaliser is not None:
         true = [(normalise_image(normaliser, image), instances) for image, instances in true]
-    return true
+    return [(image, instances, None) for image, instances in true]
 
 
-def validation_dice(model: torch.nn.Module, examples: list[tuple[np.ndarray, np.ndarray]], config: FinetuneConfig,
+def validation_dice(model: torch.nn.Module, examples: list[Example], config: FinetuneConfig,
                     device: torch.device) -> float:
     """Mean over images of the foreground-mean Dice of whole-image sliding-window predictions.
 
     The images are at ``config.mpp``; each is predicted at ``config.model_mpp`` and scored at
     its own resolution, as `evaluate` does. For an instance target the labels are instance maps
     and the Dice is that of the object (contour: interior + boundary) against the instances' union.
+    Ignored pixels are background in both, so they add nothing to any foreground class.
     """
     scores = []
-    for image, label in examples:
+    for image, label, ignored in examples:
         probabilities = predict_image(model, image, config, device)
         if config.target != "semantic":
             probabilities, label = pixel_probabilities(probabilities, config.target), (label > 0).astype(np.int64)
-        scores.append(semantic_scores(probabilities.argmax(0), label, config.classes)["foreground_mean"]["dice"])
+        pred = probabilities.argmax(0)
+        if ignored is not None:
+            pred, label = np.where(ignored, 0, pred), np.where(ignored, 0, label)
+        scores.append(semantic_scores(pred, label, config.classes)["foreground_mean"]["dice"])
     defined = [score for score in scores if not math.isnan(score)]  # NaN: no foreground in image or prediction
     return float(np.mean(defined)) if defined else math.nan
 
@@ -296,7 +377,9 @@ def _check_resume(run_dir: Path, config: FinetuneConfig) -> Path:
     except (KeyError, json.JSONDecodeError) as exc:
         raise RunFolderError(f"{saved_path} is unreadable ({exc}); use --overwrite to start afresh") from exc
     now = json.loads(json.dumps(config.to_dict()))  # tuples as lists, as config.json holds them
-    differences = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v}
+    defaults = json.loads(json.dumps(FinetuneConfig().to_dict()))  # a setting newer than the run: its default
+    differences = {k: (saved.get(k, defaults[k]), v) for k, v in now.items()
+                   if k not in RESUME_FREE and saved.get(k, defaults[k]) != v}
     if differences:
         listed = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, (a, b) in differences.items())
         raise RunFolderError(f"--resume: the settings differ from the run's ({listed}); use the run's settings "
@@ -311,14 +394,50 @@ def _check_resume(run_dir: Path, config: FinetuneConfig) -> Path:
 
 
 
-def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConfig, pretrained: Path | str | None,
-                 overwrite: bool = False, progress_factory: Callable[[], TrainProgress] | None = None,
-                 resume: bool = False) -> Path:
+def _slide_data(sources: list[str | Path], annotations: Path | None, config: FinetuneConfig,
+                run_dir: Path) -> tuple[FinetuneConfig, SlideData, dict[str, list[Any]]]:
+    """The run's settings completed by the annotated slides (resolution, classes), their areas
+    stain-normalised per slide, and their split."""
+    data = load_slide_data(sources, annotations, config, run_dir / LABELLED, config.roi_class, config.ignore_class)
+    if config.target != "semantic" and len(data.class_names) != 2:
+        raise ConfigError(f"--target {config.target} learns one object class, and the annotations name "
+                          f"{len(data.class_names) - 1}: {', '.join(data.class_names[1:])}; give --class-names "
+                          "background,<class> with the one class, or --target semantic")
+    config = dataclasses.replace(config, mpp=data.model_mpp, classes=len(data.class_names),
+                                 class_names=tuple(data.class_names))
+    normaliser = stain_normaliser(config)
+    by_slide: dict[str, list[AreaItem]] = {}
+    for item in data.items:
+        by_slide.setdefault(item.slide_id, []).append(item)
+    items = [AreaItem(area.name, area.slide_id, area) for group in by_slide.values()
+             for area in normalise_areas([i.area for i in group], normaliser)]
+    listed: dict[str, list[str]] = {}
+    if config.split_file is not None:
+        listed = read_split_file(config.split_file, known_names=[i.name for i in items] + list(by_slide))
+    splits = slide_splits(items, listed, config.val_fraction, config.seed)
+    if config.label_fraction < 1:
+        splits["train"] = label_subset(splits["train"], config.label_fraction, config.seed)  # type: ignore[arg-type]
+    return config, data, splits
+
+
+LABELLED = "labelled"  # RUN/labelled/<slide_id>.zarr: the annotated slides' areas, read once
+
+
+def run_finetune(data_dir: str | Path | list[str | Path], run_dir: str | Path, config: FinetuneConfig,
+                 pretrained: Path | str | None, overwrite: bool = False,
+                 progress_factory: Callable[[], TrainProgress] | None = None, resume: bool = False,
+                 annotations: str | Path | None = None) -> Path:
     """Fine-tune (or, with ``pretrained=None``, train from scratch); returns ``RUN/model``.
 
-    ``resume`` continues the run in ``run_dir`` from its last checkpoint (same settings).
+    ``data_dir``: a folder of labelled images, or slides (files, folders, CSV manifests; one
+    or a list) with QuPath annotations: ``annotations`` (one GeoJSON for one slide, or a folder
+    of ``<slide>.geojson``), a manifest's ``annotations`` column, or ``<slide>.geojson`` beside
+    each slide. ``resume`` continues the run in ``run_dir`` from its last checkpoint (same settings).
     """
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    sources = [Path(p) for p in data_dir] if isinstance(data_dir, (list, tuple)) else [Path(data_dir)]
+    annotations = Path(annotations) if annotations is not None else None
+    run_dir = Path(run_dir)
+    slides = is_slide_input(sources, annotations)
     if resume and overwrite:
         raise RunFolderError("--resume continues the run in the folder and --overwrite replaces it; give one")
     if resume and not (run_dir / "config.json").exists():
@@ -327,6 +446,14 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
         raise RunFolderError(f"{run_dir} holds a run; continue it with --resume, choose another -o or use --overwrite")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
+    if slides:
+        config, slide_data, splits = _slide_data(sources, annotations, config, run_dir)
+        problems, data_mpp_source = slide_data.problems, f"slides read at {config.mpp:g} um/px"
+        data_record: Any = slide_data.record
+    else:
+        splits, problems = _splits(sources[0], config)
+        config, data_mpp_source = with_data_mpp(config, splits["train"] + splits["val"])
+        data_record = str(sources[0])
     if pretrained is not None:  # a built-in model by name: the folder of the member for the model's mpp
         pretrained = pretrained_folder(pretrained, config.model_mpp)
     if pretrained is None and (config.body_lr_scale != 1.0 or config.freeze_body_epochs):
@@ -341,29 +468,30 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     model, provenance = segmentation_unet(pretrained, config.out_classes, base, config.patch_px)
     # channels_last: 1.11x a training step of tiny on a 2-core AVX2 CPU (benchmarks/bench_precision.py)
     model = model.to(device, memory_format=torch.channels_last)
-    splits, problems = _splits(data_dir, config)
-    config, data_mpp_source = with_data_mpp(config, splits["train"] + splits["val"])
     resume_from = _check_resume(run_dir, config) if resume else None
-    normaliser = stain_normaliser(config)
+    # areas of slides come normalised per slide; images are normalised one by one
+    normaliser = None if slides else stain_normaliser(config)
     # training crops at the model's resolution; validation images at their own, scored as `evaluate` does
-    train, val = _load(splits["train"], config, normaliser, config.train_mpp), _load(splits["val"], config, normaliser)
+    loaded, val = _load(splits["train"], config, normaliser, config.train_mpp), _load(splits["val"], config, normaliser)
     if config.target == "contour":  # the band is drawn at the training resolution; validation keeps instances
-        train = [(image, contour_target(instances, config.boundary_px)) for image, instances in train]
+        train = [(image, _ignoring(contour_target(labels, config.boundary_px), ignored)) for image, labels, ignored in loaded]
     elif config.target == "distance":  # the distance is per instance, so it is drawn before cropping
-        train = [(image, distance_label(instances)) for image, instances in train]
+        train = [(image, _ignoring(distance_label(labels), ignored)) for image, labels, ignored in loaded]
+    else:
+        train = [(image, labels) for image, labels, _ in loaded]
     # what `evaluate` and `segment` reproduce: the method, its settings and target, no source
     stain_record = {"method": "none"} if normaliser is None else {**normaliser.params, "source": None}
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_from is None:
         shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # an overwritten run's
         ckpt.write_json(run_dir / "config.json", {
-            "finetune": config.to_dict(), "data": str(data_dir), "data_mpp_source": data_mpp_source,
+            "finetune": config.to_dict(), "data": data_record, "data_mpp_source": data_mpp_source,
             "pretrained": provenance, "problems": problems,
             "split": {k: [i.name for i in v] for k, v in splits.items()}, "gsd_wsi_version": __version__})
         (run_dir / "metrics.jsonl").write_text("")
-    dataset = CropDataset(train, config)
+    dataset = CropDataset(train, config, area_weights(splits["train"]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
-                                         drop_last=len(train) * config.crops_per_image >= config.batch_size,
+                                         drop_last=len(dataset) >= config.batch_size,
                                          num_workers=config.num_workers, worker_init_fn=_worker_seed)
     body, head = body_and_head(model)
     # two groups always (the body's may be scaled), so a checkpoint's optimizer state fits any run
@@ -433,7 +561,7 @@ def run_finetune(data_dir: str | Path, run_dir: str | Path, config: FinetuneConf
     ckpt.save_checkpoint(run_dir / "last", model.state_dict(), None, model_json | {"epoch": config.epochs, "step": step}, None)
     if val:  # post-processing tuned on the kept (best) model
         model.load_state_dict(ckpt.load_weights(run_dir / "model", ema=False))
-    tuning = tuning_examples(splits["val"], config, normaliser)
+    tuning = tuning_examples(splits["val"], config, normaliser)  # areas: normalised already
     tuned = tuned_postprocess(model, tuning, config, device)
     if tuned is not None:
         postprocess, scores = tuned

@@ -64,6 +64,8 @@ class FinetuneConfig:
     use_top_skip: bool | None = None                # None: the pretrained run's; False from scratch
     body_lr_scale: float = 1.0                      # the pretrained body's learning rate is lr x this
     freeze_body_epochs: int = 0                     # train the new head alone for this many epochs first
+    roi_class: str = "Region*"                      # annotated slides: class of the exhaustively labelled areas
+    ignore_class: str = "Ignore*"                   # annotated slides: class of the areas left out
 
     def __post_init__(self) -> None:
         if self.classes < 2:
@@ -105,6 +107,9 @@ class FinetuneConfig:
         if not (math.isfinite(self.body_lr_scale) and 0 < self.body_lr_scale <= 1):
             raise ConfigError(f"--body-lr-scale must be in (0, 1] (the body's learning rate as a fraction of "
                               f"--lr); got {self.body_lr_scale}")
+        if not self.roi_class or not self.ignore_class or self.roi_class == self.ignore_class:
+            raise ConfigError(f"--roi-class {self.roi_class!r} and --ignore-class {self.ignore_class!r} must be two "
+                              "different, non-empty class names")
         if not 0 <= self.freeze_body_epochs < self.epochs:
             raise ConfigError(f"--freeze-body-epochs must be in [0, --epochs {self.epochs}); got {self.freeze_body_epochs}")
 
