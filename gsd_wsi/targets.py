@@ -107,6 +107,17 @@ def with_ignored(target: np.ndarray, ignored: np.ndarray) -> np.ndarray:
     return out
 
 
+def background_where(probabilities: np.ndarray, ignored: np.ndarray | None) -> np.ndarray:
+    """(C, H, W) probabilities (or a distance model's channels) with every ``ignored`` pixel certain
+    background: class 0 at 1, every other channel at 0, so no object is predicted there."""
+    if ignored is None:
+        return probabilities
+    out = probabilities.copy()
+    out[:, ignored] = 0.0
+    out[0, ignored] = 1.0
+    return out
+
+
 def pixel_probabilities(probabilities: np.ndarray, kind: str) -> np.ndarray:
     """The probabilities of the classes pixels are scored on: a contour model's object is interior +
     boundary, a distance model's are its background and foreground channels; a semantic model's

@@ -146,3 +146,22 @@ def test_round_trip_segment_edit_finetune(slide_run: Path, annotated: tuple[Synt
 def _write(path: Path, features: list[dict[str, Any]]) -> Path:
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
+
+
+def test_evaluate_on_a_slide_scores_within_the_labelled_areas(slide_run: Path, annotated: tuple[SyntheticSlide, Path],
+                                                               tmp_path: Path) -> None:
+    from gsd_wsi.stages.evaluate import EvaluateConfig, run_evaluate
+
+    slide, geojson = annotated
+    result = run_evaluate([slide.path], slide_run, tmp_path / "eval", EvaluateConfig(batch_size=16), annotations=geojson)
+    names = [row.split(",")[0] for row in (tmp_path / "eval" / "per_image.csv").read_text().splitlines()[1:]]
+    assert "top-left" in names and "bottom-right" in names and result["per_slide"]["glands"]["n_true"]["n"] == len(names)
+    assert (tmp_path / "eval" / "overlays" / "top-left.png").is_file()
+    # an object drawn outside every ROI counts; what lies outside every labelled area does not: a
+    # file with the ROIs alone scores no gland anywhere, whatever the model predicts outside them
+    rois = [f for f in json.loads(geojson.read_text())["features"] if f["properties"]["classification"]["name"] == "Region*"]
+    only_rois = _write(tmp_path / "rois.geojson", rois)
+    bare = run_evaluate([slide.path], slide_run, tmp_path / "bare", EvaluateConfig(batch_size=16), annotations=only_rois)
+    assert bare["n_images"] == 2 and bare["summary"]["n_true"]["mean"] == 0
+    with pytest.raises(Exception, match="reference"):
+        run_evaluate([slide.path], slide_run, tmp_path / "ref", EvaluateConfig(protocol="reference"), annotations=geojson)

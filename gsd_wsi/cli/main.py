@@ -315,7 +315,7 @@ def pretrain(
 
 @app.command()
 def evaluate(
-    data: Annotated[Path, typer.Argument(help="Labelled images: images/ + masks/ (or annotations/), MoNuSeg .tif + .xml, or GlaS .bmp + _anno.bmp.")],
+    data: Annotated[list[Path], typer.Argument(help="Labelled images (a folder: images/ + masks/ or annotations/, MoNuSeg .tif + .xml, or GlaS .bmp + _anno.bmp), or slides with QuPath annotations (files, folders, CSV manifests with an annotations column).")],
     model: Annotated[str, typer.Option("--model", help=MODEL_HELP + ".")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: metrics.json, per_image.csv, overlays/.")],
     protocol: Annotated[str, typer.Option(help="standard (whole images) or reference (per-patch averaging, for comparison only).")] = "standard",
@@ -326,8 +326,11 @@ def evaluate(
     watershed: Annotated[bool, typer.Option("--watershed", hidden=True, help="Removed: refused with a pointer to --target contour.")] = False,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Average each window over its 8 flips and rotations (8x the network's work) [the model's default].")] = None,
+    annotations: Annotated[Optional[Path], typer.Option(help="Slides' QuPath GeoJSON: one file for one slide, or a folder of <slide>.geojson [a manifest's annotations column, else <slide>.geojson beside each slide]; scored within the labelled areas only.")] = None,
+    roi_class: Annotated[str, typer.Option(help="Annotated slides: the class of areas labelled exhaustively.")] = "Region*",
+    ignore_class: Annotated[str, typer.Option(help="Annotated slides: the class of areas left out.")] = "Ignore*",
 ) -> None:
-    """Score a fine-tuned segmentation model on labelled images: Dice, IoU, HD95, AJI, PQ, GlaS scores."""
+    """Score a fine-tuned segmentation model on labelled images or annotated slides: Dice, IoU, HD95, AJI, PQ, GlaS scores."""
     from gsd_wsi.cli.progress import ImageProgressBar
     from gsd_wsi.errors import ConfigError
     from gsd_wsi.stages.evaluate import EvaluateConfig, run_evaluate
@@ -339,9 +342,10 @@ def evaluate(
                               "with the model's recorded post-processing, and still reports the connected "
                               "components as aji_cc, pq_cc, ...")
         config = EvaluateConfig(protocol=protocol, overlap=overlap, mpp=mpp,  # type: ignore[arg-type]
-                                split_file=split_file, subset=subset, batch_size=batch_size, tta=tta)  # type: ignore[arg-type]
+                                split_file=split_file, subset=subset, batch_size=batch_size, tta=tta,  # type: ignore[arg-type]
+                                roi_class=roi_class, ignore_class=ignore_class)
         with ImageProgressBar(console) as bar:
-            result = run_evaluate(data, model, out, config, progress=bar)
+            result = run_evaluate(list(data), model, out, config, progress=bar, annotations=annotations)
     except GsdWsiError as exc:
         raise _fail(exc) from exc
     table = Table(title=f"gsd-wsi evaluate: {result['protocol']}, {result['n_images']} image(s)", title_justify="left")

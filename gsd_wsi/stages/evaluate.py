@@ -86,7 +86,10 @@ from gsd_wsi.metrics import (
 from gsd_wsi.nn.inference import predict_probabilities
 from gsd_wsi.qc import save_png
 from gsd_wsi.stain import normalise_image, recorded_normaliser
-from gsd_wsi.targets import pixel_probabilities
+from gsd_wsi.datasets.slide_labels import IGNORE_CLASS, ROI_CLASS
+from gsd_wsi.stages.slide_items import AreaItem, is_slide_input, load_slide_data, slides_mpp
+from gsd_wsi.stages.labelled_slides import normalise_areas
+from gsd_wsi.targets import background_where, pixel_probabilities
 from gsd_wsi.zoo import builtin_or_path
 from gsd_wsi.train.finetune_config import DATA_MPP_SPREAD
 from gsd_wsi.train.transfer import load_segmentation_network
@@ -101,7 +104,8 @@ SEMANTIC_KEYS = ("dice", "iou", "precision", "recall", "hd95_px", "hd95_um")
 OVERLAY_MAX_PX = 2048
 REFERENCE_STRIDE_DIVISOR = 4  # the reference cuts its MoNuSeg test images into 256-px patches at stride 64
 PRED_RGB, TRUE_RGB = (255, 0, 255), (0, 255, 255)  # predicted outline magenta, true outline cyan
-OVERLAY_LEGEND = "magenta: predicted, cyan: true"
+ROI_RGB = (255, 220, 0)  # an annotated area's edge, yellow
+OVERLAY_LEGEND = "magenta: predicted, cyan: true, yellow: the labelled area's edge (annotated slides)"
 CC_KEYS = ("aji", "pq", "dq", "sq", "object_precision", "object_recall", "object_f1", "n_pred")
 
 
@@ -116,6 +120,8 @@ class EvaluateConfig:
     subset: Literal["all", "train", "val", "test"] = "all"  # with split_file: which images to score
     batch_size: int = 4
     tta: bool | None = None  # mean over the 8 flips and rotations; None: the model's default (model.json "tta")
+    roi_class: str = ROI_CLASS        # annotated slides: the class of exhaustively labelled areas
+    ignore_class: str = IGNORE_CLASS  # annotated slides: the class of areas left out
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOL_LABELS:
@@ -132,15 +138,18 @@ class EvaluateConfig:
             raise ConfigError(f"batch_size={self.batch_size!r}; expected >= 1")
 
 
-def _select(items: list[LabelledImage], config: EvaluateConfig) -> list[LabelledImage]:
+def _select(items: list[Any], config: EvaluateConfig) -> list[Any]:
+    """The items of the split file's ``subset`` (all listed ones for ``all``); an annotated slide's
+    areas are listed by their names or, all together, by the slide's id."""
     if config.split_file is None:
         return items
-    splits = read_split_file(config.split_file, [item.name for item in items])
+    slide_ids = sorted({item.slide_id for item in items if isinstance(item, AreaItem)})
+    splits = read_split_file(config.split_file, [item.name for item in items] + slide_ids)
     if config.subset == "all":
         wanted = {n for names in splits.values() for n in names}
     else:
         wanted = set(splits[config.subset])
-    chosen = [item for item in items if item.name in wanted]
+    chosen = [item for item in items if item.name in wanted or getattr(item, "slide_id", None) in wanted]
     if not chosen:
         raise ConfigError(f"{config.split_file}: no image in subset {config.subset!r}")
     return chosen
@@ -209,10 +218,16 @@ def score_image(pred: np.ndarray, truth: np.ndarray, true_inst: np.ndarray | Non
     return row | primary | {f"{key}_cc": cc_row[key] for key in CC_KEYS}, pred_inst
 
 
-def overlay(image: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray) -> np.ndarray:
-    """The image with predicted outlines in magenta and true ones in cyan, legend top left."""
+def overlay(image: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray,
+            labelled: np.ndarray | None = None) -> np.ndarray:
+    """The image with predicted outlines in magenta and true ones in cyan, legend top left; with
+    ``labelled`` (an annotated area), what lies outside it is dimmed and its edge drawn in yellow."""
     step = max(1, math.ceil(max(image.shape[:2]) / OVERLAY_MAX_PX))
     out = np.array(image[::step, ::step], dtype=np.uint8)
+    if labelled is not None:
+        inside = labelled[::step, ::step]
+        out[~inside] = out[~inside] // 3 + 100
+        out[find_boundaries(inside, mode="inner")] = ROI_RGB
     out[find_boundaries(true_labels[::step, ::step], mode="inner")] = TRUE_RGB
     out[find_boundaries(pred_labels[::step, ::step], mode="inner")] = PRED_RGB
     if min(out.shape[:2]) >= 32:
@@ -231,15 +246,28 @@ def overlay(image: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray)
     return out
 
 
-def _load(item: LabelledImage, n_classes: int, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _load(item: LabelledImage | AreaItem, n_classes: int, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``(image, semantic, instances or None)``. For an instance target (one object class) a mask
     holding several ids is read as instances, as `finetune` reads it; a binary mask's connected
-    components are not taken as true instances (touching nuclei would merge in the truth too)."""
+    components are not taken as true instances (touching nuclei would merge in the truth too).
+    An annotated area's truth is background wherever it carries no label (see :func:`run_evaluate`)."""
+    if isinstance(item, AreaItem):
+        labelled = item.area.labelled
+        instances = np.where(labelled, item.area.instances, 0)
+        semantic = np.where(labelled, item.area.classes, 0).astype(np.int64)
+        if kind == "semantic":
+            return item.area.image, semantic, (instances if n_classes == 2 else None)
+        return item.area.image, (instances > 0).astype(np.int64), instances
     if kind == "semantic":
         return load_example(item, n_classes)
     image, instances, source = load_instance_example(item)
     truth = (instances > 0).astype(np.int64)
     return image, truth, (None if source == "mask connected components" else instances)
+
+
+def _file_name(name: str) -> str:
+    """An item's name as a file name: an area's ``slide#k`` and any path separator made safe."""
+    return "".join(c if c.isalnum() or c in "._+-" else "_" for c in name)
 
 
 def _patch_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[str, list[float]]:
@@ -281,20 +309,48 @@ def _json_safe(value: Any) -> Any:
 
 
 
-def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: EvaluateConfig = EvaluateConfig(),
-                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """Score the model in ``model_dir`` on the labelled images of ``data_dir``; returns metrics.json's content.
+def run_evaluate(data_dir: Path | list[Path], model_dir: Path | str, out_dir: Path,
+                 config: EvaluateConfig = EvaluateConfig(), progress: Callable[[int, int, str], None] | None = None,
+                 annotations: Path | None = None) -> dict[str, Any]:
+    """Score the model in ``model_dir`` on labelled images; returns metrics.json's content.
 
-    ``progress(done, total, name)`` is called after each image when given.
+    ``data_dir``: a folder of labelled images, or slides (files, folders, CSV manifests) with QuPath
+    annotations (``annotations``, a manifest column, or ``<slide>.geojson`` beside each slide).
+    On slides each labelled area is one item, read at the model's resolution, and scored within
+    its labels only: prediction and truth are background wherever the area carries no label
+    (outside every ROI, and in ``Ignore*`` areas), so nothing there counts; metrics.json adds the
+    summary per slide. ``progress(done, total, name)`` is called after each image when given.
     """
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    items, problems = discover(data_dir)
-    items = _select(items, config)
-    recorded = recorded_resolution(items)
+    sources = [Path(p) for p in data_dir] if isinstance(data_dir, (list, tuple)) else [Path(data_dir)]
+    out_dir = Path(out_dir)
+    slides = is_slide_input(sources, annotations)
+    if slides and (config.protocol == "reference" or config.mpp is not None):
+        raise ConfigError("on annotated slides, evaluate reads each area at the model's resolution with the "
+                          "standard protocol: leave out --protocol reference and --mpp")
+    items: list[Any]
+    if slides:
+        recorded = slides_mpp(sources)
+    else:
+        items, problems = discover(sources[0])
+        items = _select(items, config)
+        recorded = recorded_resolution(items)
     # a built-in family (``nuclei``) is the member for the images' resolution
     model_dir = builtin_or_path(model_dir, config.mpp if config.mpp is not None else recorded)
     model, info = load_segmentation_network(model_dir)
     kind, postprocess = recorded_postprocess(info)
+    data_record: Any = str(sources[0])
+    if slides:
+        data = load_slide_data(sources, annotations, out_dir / "labelled", model_mpp=float(info["mpp"]),
+                               class_names=[str(c) for c in info["classes"]][: 2 if kind != "semantic" else None],
+                               model_classes=True, min_px=int(info["patch_px"]), roi_class=config.roi_class,
+                               ignore_class=config.ignore_class)
+        normalised = recorded_normaliser(info.get("stain"))
+        by_slide: dict[str, list[AreaItem]] = {}
+        for area_item in data.items:
+            by_slide.setdefault(area_item.slide_id, []).append(area_item)
+        items = _select([AreaItem(a.name, a.slide_id, a) for group in by_slide.values()
+                         for a in normalise_areas([i.area for i in group], normalised)], config)
+        problems, recorded, data_record = data.problems, data.model_mpp, data.record
     classes = [str(c) for c in info["classes"]]
     if kind != "semantic":  # scored as background / object; the object is interior + boundary (contour)
         classes = classes[:2]
@@ -303,6 +359,8 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     model_mpp = info.get("mpp")
     tta = bool(info.get("tta", False)) if config.tta is None else config.tta
     mpp, mpp_source = image_resolution(config, info, recorded)  # the images'
+    if slides:
+        mpp_source = "the slides, read at the model's resolution"
     resampled = mpp is not None and model_mpp is not None and not same_mpp(mpp, model_mpp)
     if kind != "semantic" and config.protocol == "standard" and mpp is None:
         raise ConfigError(f"the {kind} model's post-processing needs the images' resolution for its areas "
@@ -313,7 +371,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
             log.warning("the images (%.4g um/px) are coarser than the model's %.4g um/px: they are upsampled, "
                         "which `segment` refuses", mpp, model_mpp)
     label = PROTOCOL_LABELS[config.protocol]
-    log.info("evaluating %s on %d image(s) of %s, protocol %s", model_dir, len(items), data_dir, label)
+    log.info("evaluating %s on %d image(s) of %s, protocol %s", model_dir, len(items), data_record, label)
     out_dir.mkdir(parents=True, exist_ok=True)
     if config.protocol == "standard":
         (out_dir / "overlays").mkdir(exist_ok=True)
@@ -331,9 +389,10 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     rows: list[dict[str, Any]] = []
     patch_scores: list[dict[str, list[float]]] = []
     for index, item in enumerate(items):
+        ignored = None if not isinstance(item, AreaItem) or item.area.labelled.all() else ~item.area.labelled
         try:
             image, truth, true_inst = _load(item, len(classes), kind)
-            if normaliser is not None:
+            if normaliser is not None and not isinstance(item, AreaItem):  # areas: normalised per slide
                 image = normalise_image(normaliser, image)
         except GsdWsiError as exc:
             problems.append(f"{item.name}: {exc}")
@@ -351,17 +410,18 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
             rows.append({"name": item.name, "n_patches": len(corners)})
             log.info("%s: %d patch(es) of %d px at stride %d", item.name, len(corners), patch_px, stride)
         else:
-            probs = probabilities(image, config.overlap, mpp)
+            probs = background_where(probabilities(image, config.overlap, mpp), ignored)
             pred = np.argmax(pixel_probabilities(probs, kind), axis=0)
             post_inst = None
             if postprocess is not None and true_inst is not None and mpp is not None:
                 post_inst = instances_from_probabilities(probs, postprocess, mpp)
             row, pred_inst = score_image(pred, truth, true_inst, classes, mpp,
-                                         glas=item.instance_path is not None, pred_inst=post_inst)
-            rows.append({"name": item.name} | row)
+                                         glas=getattr(item, "instance_path", None) is not None, pred_inst=post_inst)
+            rows.append({"name": item.name} | ({"slide_id": item.slide_id} if slides else {}) | row)
             shown_true = true_inst if true_inst is not None else truth
             shown_pred = pred_inst if pred_inst is not None else pred
-            save_png(out_dir / "overlays" / f"{item.name}.png", overlay(image, shown_pred, shown_true),
+            save_png(out_dir / "overlays" / f"{_file_name(item.name)}.png",
+                     overlay(image, shown_pred, shown_true, None if ignored is None else ~ignored),
                      {"Software": f"gsd-wsi {__version__}", "Legend": OVERLAY_LEGEND})
             extra = f", AJI {row['aji']:.3f}, PQ {row['pq']:.3f}" if "aji" in row else ""
             log.info("%s: Dice %.3f, IoU %.3f%s", item.name, row["dice"], row["iou"], extra)
@@ -377,13 +437,19 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
         per_class: dict[str, Any] = {name: {key: _stats([p[key][c] for p in patch_scores]) for key in keys}
                                      for c, name in enumerate(classes)}
     else:
-        scalar = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "name"]
+        scalar = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("name", "slide_id")]
         per_keys = {f"{key}_{name}" for key in SEMANTIC_KEYS for name in classes}
         summary = {k: _stats([r.get(k) for r in rows]) for k in scalar if k not in per_keys}
         per_class = {name: {key: _stats([r.get(f"{key}_{name}") for r in rows]) for key in SEMANTIC_KEYS}
                      for name in classes}
+    by_slide_summary = None
+    if slides and config.protocol == "standard":
+        by_slide_summary = {slide_id: {k: _stats([r.get(k) for r in rows if r["slide_id"] == slide_id])
+                                       for k in scalar if k not in per_keys}
+                            for slide_id in dict.fromkeys(r["slide_id"] for r in rows)}
     result = {
-        "protocol": label, "model": str(model_dir), "data": str(data_dir), "n_images": len(rows),
+        "protocol": label, "model": str(model_dir), "data": data_record, "n_images": len(rows),
+        **({"per_slide": by_slide_summary} if by_slide_summary is not None else {}),
         "classes": classes, "summary": summary, "per_class": per_class, "problems": problems,
         "gsd_wsi_version": __version__,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
@@ -395,7 +461,7 @@ def run_evaluate(data_dir: Path, model_dir: Path, out_dir: Path, config: Evaluat
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     atomic_write_csv(out_dir / "per_image.csv", rows)
     if not rows:
-        raise DatasetError(f"{data_dir}: no image could be scored; problems (also in {out_dir / 'metrics.json'}): "
+        raise DatasetError(f"{data_record}: no image could be scored; problems (also in {out_dir / 'metrics.json'}): "
                            + "; ".join(problems[:3]))
     log.info("%s: %d image(s) scored, %d problem(s); wrote %s", label, len(rows), len(problems), out_dir)
     return result

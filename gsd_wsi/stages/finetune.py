@@ -71,10 +71,10 @@ from gsd_wsi.nn.losses import DistanceTargetLoss, SegmentationLoss
 from gsd_wsi.nn.unet import unet_config
 from gsd_wsi.slide.image_backend import read_plain_image
 from gsd_wsi.stain import StainNormalizer, make_normalizer, normalise_image
-from gsd_wsi.stages.finetune_slides import AreaItem, SlideData, is_slide_input, load_slide_data, slide_splits
+from gsd_wsi.stages.slide_items import AreaItem, SlideData, is_slide_input, load_slide_data, slide_splits
 from gsd_wsi.stages.labelled_slides import normalise_areas
-from gsd_wsi.targets import (DISTANCE_LEVELS, IGNORE, contour_target, distance_label, pixel_probabilities,
-                             with_ignored)
+from gsd_wsi.targets import (DISTANCE_LEVELS, IGNORE, background_where, contour_target, distance_label,
+                             pixel_probabilities, with_ignored)
 from gsd_wsi.train import checkpoint as ckpt
 from gsd_wsi.train.augment import training_augmentation
 from gsd_wsi.train.ddp import resolve_device
@@ -277,16 +277,6 @@ def predict_image(model: torch.nn.Module, image: np.ndarray, config: FinetuneCon
     return predict_at_mpp(predict, image, config.mpp, config.model_mpp)
 
 
-def _outside_as_background(probabilities: np.ndarray, ignored: np.ndarray | None) -> np.ndarray:
-    """(C, H, W) probabilities with every ignored pixel certain background (no object, distance 0)."""
-    if ignored is None:
-        return probabilities
-    out = probabilities.copy()
-    out[:, ignored] = 0.0
-    out[0, ignored] = 1.0
-    return out
-
-
 def tuned_postprocess(model: torch.nn.Module, examples: list[Example], config: FinetuneConfig,
                       device: torch.device) -> tuple[dict[str, Any], dict[str, float]] | None:
     """model.json ``"postprocess"``, the instance post-processing tuned on ``examples`` (validation
@@ -295,7 +285,7 @@ def tuned_postprocess(model: torch.nn.Module, examples: list[Example], config: F
     are in um^2; a contour target always has it)."""
     if not examples or (config.target == "semantic" and config.classes != 2) or config.mpp is None:
         return None
-    pairs = [(_outside_as_background(predict_image(model, image, config, device), ignored), instances)
+    pairs = [(background_where(predict_image(model, image, config, device), ignored), instances)
              for image, instances, ignored in examples]
     tuned, scores = tune_postprocess(pairs, kind=config.target, mpp=config.mpp)  # validation images at mpp
     return tuned.to_dict(), scores
@@ -398,7 +388,12 @@ def _slide_data(sources: list[str | Path], annotations: Path | None, config: Fin
                 run_dir: Path) -> tuple[FinetuneConfig, SlideData, dict[str, list[Any]]]:
     """The run's settings completed by the annotated slides (resolution, classes), their areas
     stain-normalised per slide, and their split."""
-    data = load_slide_data(sources, annotations, config, run_dir / LABELLED, config.roi_class, config.ignore_class)
+    if config.mpp is not None:
+        raise ConfigError("--mpp gives the resolution of labelled images; slides record theirs (a manifest's mpp "
+                          "column where one does not): give the model's resolution with --train-mpp")
+    data = load_slide_data(sources, annotations, run_dir / LABELLED, model_mpp=config.train_mpp,
+                           class_names=config.class_names, min_px=max(256, config.patch_px),
+                           roi_class=config.roi_class, ignore_class=config.ignore_class)
     if config.target != "semantic" and len(data.class_names) != 2:
         raise ConfigError(f"--target {config.target} learns one object class, and the annotations name "
                           f"{len(data.class_names) - 1}: {', '.join(data.class_names[1:])}; give --class-names "

@@ -1,4 +1,4 @@
-"""`finetune` and `evaluate` on whole slides with QuPath annotations: the labelled areas as items.
+"""Annotated slides as the items of `finetune` and `evaluate`: their labelled areas, resolution, classes, splits.
 
 Each labelled area of a slide (gsd_wsi/stages/labelled_slides.py) is one item, named by its
 ROI's own name in QuPath, else ``<slide_id>#<k>``; a split file may list area names or slide
@@ -28,7 +28,7 @@ from gsd_wsi.errors import ConfigError, GsdWsiError
 from gsd_wsi.manifest import SLIDE_SUFFIXES, SlideInput, collect_inputs
 from gsd_wsi.slide import open_slide
 from gsd_wsi.stages.labelled_slides import AreaSettings, SlideArea, annotation_path, read_class_names, slide_areas
-from gsd_wsi.train.finetune_config import DATA_MPP_SPREAD, FinetuneConfig
+from gsd_wsi.train.finetune_config import DATA_MPP_SPREAD
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +85,30 @@ def _model_mpp(inputs: list[SlideInput], train_mpp: float | None, problems: list
     return usable, float(np.median(list(mpps.values())))
 
 
-def load_slide_data(sources: Sequence[str | Path], annotations: Path | None, config: FinetuneConfig, cache_dir: Path,
-                    roi_class: str = ROI_CLASS, ignore_class: str = IGNORE_CLASS,
-                    model_mpp: float | None = None, class_names: Sequence[str] | None = None) -> SlideData:
-    """The labelled areas of ``sources`` (slide files, folders, CSV manifests) at the model's resolution.
+def slides_mpp(sources: Sequence[str | Path]) -> float | None:
+    """The median level-0 resolution of the slides of ``sources`` that open (None if none does):
+    which member of a built-in model family serves them."""
+    mpps = []
+    for item in collect_inputs(list(sources)):
+        if item.error is None:
+            try:
+                with open_slide(item.path, mpp=item.mpp) as slide:
+                    mpps.append(slide.mpp)
+            except GsdWsiError:
+                continue  # reported with the slide's areas
+    return float(np.median(mpps)) if mpps else None
 
-    ``model_mpp`` and ``class_names`` fix what a trained model needs (`evaluate`); else they come
-    from ``config`` (``train_mpp``, ``class_names``) or the slides and their annotations.
+
+def load_slide_data(sources: Sequence[str | Path], annotations: Path | None, cache_dir: Path, *,
+                    model_mpp: float | None = None, class_names: Sequence[str] | None = None,
+                    model_classes: bool = False, min_px: int = 256, roi_class: str = ROI_CLASS,
+                    ignore_class: str = IGNORE_CLASS) -> SlideData:
+    """The labelled areas of ``sources`` (slide files, folders, CSV manifests) at ``model_mpp`` (None:
+    the slides' own), ``class_names`` background first (None: from the annotations, sorted).
+
+    ``model_classes``: ``class_names`` are a trained model's, matched to the annotations' spelling
+    (:func:`matched_classes`), as `evaluate` needs.
     """
-    if config.mpp is not None:
-        raise ConfigError("--mpp gives the resolution of labelled images; slides record theirs (a manifest's mpp "
-                          "column where one does not): give the model's resolution with --train-mpp")
     problems: list[str] = []
     inputs: list[SlideInput] = []
     for item in collect_inputs(list(sources)):
@@ -109,14 +122,14 @@ def load_slide_data(sources: Sequence[str | Path], annotations: Path | None, con
             log.error("%s", exc)
     if not inputs:
         raise DatasetError(f"no annotated slide to learn from: {'; '.join(problems[:3])}")
-    inputs, mpp = _model_mpp(inputs, model_mpp if model_mpp is not None else config.train_mpp, problems)
-    if class_names is None and config.class_names is not None:
-        class_names = config.class_names
-    if class_names is None:
-        found = read_class_names([_annotations(i) for i in inputs], roi_class, ignore_class)
+    inputs, mpp = _model_mpp(inputs, model_mpp, problems)
+    found = read_class_names([_annotations(i) for i in inputs], roi_class, ignore_class)
+    if class_names is not None and model_classes:  # a trained model's: the annotations' spelling of them
+        class_names = matched_classes(class_names, found)
+    elif class_names is None:
         class_names = (BACKGROUND, *(found or ["object"]))
         log.info("classes from the annotations: %s", ", ".join(class_names))
-    settings = AreaSettings(mpp, tuple(class_names), roi_class, ignore_class, max(256, config.patch_px))
+    settings = AreaSettings(mpp, tuple(class_names), roi_class, ignore_class, min_px)
     items: list[AreaItem] = []
     for item in inputs:
         try:
@@ -134,6 +147,22 @@ def load_slide_data(sources: Sequence[str | Path], annotations: Path | None, con
     record = {"slides": {i.slide_id: {"path": str(i.path), "annotations": str(i.annotations)} for i in inputs},
               "roi_class": roi_class, "ignore_class": ignore_class, "model_mpp": mpp, "areas": len(items)}
     return SlideData(items, problems, mpp, tuple(class_names), record)
+
+
+def matched_classes(model_names: Sequence[str], found: Sequence[str]) -> tuple[str, ...]:
+    """A model's classes as the annotations spell them: the same name in another case, or, for a
+    model of one object class (``nucleus``) and annotations of one (``Nucleus``, ``Nuclei``), that
+    one (logged). Names that match nothing stay, so that an unknown class is refused with the list."""
+    names = list(model_names)
+    by_lower = {n.lower(): i for i, n in enumerate(names)}
+    for name in found:
+        i = by_lower.get(name.lower())
+        if i is not None and names[i] != name:
+            names[i] = name
+    if len(names) == 2 and len(found) == 1 and found[0] != names[1]:
+        log.info("annotation class %r scored as the model's %r", found[0], names[1])
+        names[1] = found[0]
+    return tuple(names)
 
 
 def _annotations(item: SlideInput) -> Path:
